@@ -1,0 +1,41 @@
+"""DELIA: Diversity-Enhanced Learning for Instruction Adaptation (arXiv 2408.10841) on TRL 1.x."""
+
+# Import the legacy module `delia.DSFTTrainer` first, so that binding the class below wins over the submodule of the
+# same name (Python sets a package attribute when a submodule is first imported).
+from . import DSFTTrainer as _legacy_trainer_module  # noqa: F401
+from .config import DSFTConfig
+from .data import (
+    SOURCES,
+    DataFormatError,
+    load_conversations,
+    mix_datasets,
+    plan_mixture,
+    prepare_conversations,
+    validate_conversations,
+)
+from .trainer import DSFTTrainer, SourceTaggingCollator
+from .utils import (
+    add_new_tokens,
+    get_peft_config,
+    get_training_arguments,
+    setup_tokenizer_and_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SOURCES",
+    "DSFTConfig",
+    "DSFTTrainer",
+    "DataFormatError",
+    "SourceTaggingCollator",
+    "add_new_tokens",
+    "get_peft_config",
+    "get_training_arguments",
+    "load_conversations",
+    "mix_datasets",
+    "plan_mixture",
+    "prepare_conversations",
+    "setup_tokenizer_and_model",
+    "validate_conversations",
+]

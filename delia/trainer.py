@@ -1,0 +1,301 @@
+"""`DSFTTrainer`: TRL's `SFTTrainer` with DELIA's diverse mixture and per-source loss logging.
+
+At init it loads the downstream rows and the self-sampled diverse cache, mixes them (`delia.data`), records the
+mixture in `output_dir/delia_mixture.json`, and hands the mixed dataset to `SFTTrainer`, which tokenises it and
+builds completion-only labels. During training, the collator is wrapped so each row's `source` reaches
+`compute_loss`, which adds per-source NLL and token counts to running sums; `log()` turns them into
+`loss_downstream` / `loss_diverse` (and `eval_loss_*`) and resets them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from accelerate import PartialState
+from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import get_config_model_id
+
+from .config import DSFTConfig, check_diverse_ratio
+from .data import SOURCES, MixturePlan, _load_with_format, _mix, to_prompt_completion
+from .utils import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
+
+logger = logging.getLogger(__name__)
+
+MIXTURE_FILE = "delia_mixture.json"
+
+
+@dataclass
+class SourceTaggingCollator:
+    """Wraps a collator: takes the `source` column off each example and adds `source_ids` (index in SOURCES)."""
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        source_ids = [SOURCES.index(example["source"]) if example.get("source") in SOURCES else -1 for example in examples]
+        batch = self.collator([{k: v for k, v in example.items() if k != "source"} for example in examples])
+        batch["source_ids"] = torch.tensor(source_ids, dtype=torch.long)
+        return batch
+
+
+def _as_dsft_config(model: Any, args: TrainingArguments | None) -> DSFTConfig:
+    if isinstance(args, DSFTConfig):
+        return args
+    if args is None:
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return DSFTConfig(f"{str(model_name).split('/')[-1]}-DSFT")
+    dict_args = args.to_dict()
+    for key in dict_args:
+        if key.endswith("_token"):  # to_dict masks every `*_token` field (hub_token, eos_token, pad_token)
+            dict_args[key] = getattr(args, key)
+    return DSFTConfig(**dict_args)
+
+
+def _describe(dataset: Any) -> str:
+    return os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else f"<in-memory {type(dataset).__name__}>"
+
+
+class DSFTTrainer(SFTTrainer):
+    """Supervised fine-tuning with a self-sampled diverse mixture (DELIA, arXiv 2408.10841).
+
+    Takes everything `SFTTrainer` takes, plus:
+
+    Args:
+        diverse_dataset (`str`, `Dataset`, *optional*):
+            The diverse cache (JSONL path, saved dataset folder, hub name or Dataset). Overrides `args.diverse_dataset`.
+        diverse_ratio (`float`, *optional*):
+            Diverse rows per downstream row. Overrides `args.diverse_ratio`.
+        cache_dir (`str`, *optional*):
+            The original DELIA name of `diverse_dataset`.
+        tokenizer (*optional*):
+            Deprecated alias of `processing_class`, kept because the original DELIA README passes it.
+
+    `train_dataset` and `eval_dataset` may be Datasets or paths / hub names. Rows are conversations
+    (`{"messages": [user, assistant]}`, an optional leading system message); the loss falls on the final assistant
+    reply only, for any chat template.
+    """
+
+    _tag_names = ["trl", "sft", "delia"]
+    _name = "DSFT"
+
+    def __init__(
+        self,
+        model: Any,
+        args: DSFTConfig | SFTConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | str | None = None,
+        eval_dataset: Dataset | str | dict[str, Dataset | str] | None = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+        *,
+        diverse_dataset: Dataset | str | None = None,
+        diverse_ratio: float | None = None,
+        cache_dir: str | None = None,
+        tokenizer: Any = None,
+    ):
+        args = _as_dsft_config(model, args)
+        if tokenizer is not None:
+            warnings.warn(
+                "`tokenizer=` is deprecated; pass `processing_class=` instead (as in TRL).", FutureWarning, stacklevel=2
+            )
+            if processing_class is not None and processing_class is not tokenizer:
+                raise ValueError("Pass either `processing_class=` or its deprecated alias `tokenizer=`, not both.")
+            processing_class = tokenizer
+        if cache_dir is not None:
+            if diverse_dataset is not None and diverse_dataset != cache_dir:
+                raise ValueError(
+                    f"Pass either `diverse_dataset=` or its alias `cache_dir=`, not both "
+                    f"(got {_describe(diverse_dataset)!r} and {cache_dir!r})."
+                )
+            diverse_dataset = cache_dir
+        if isinstance(diverse_dataset, (str, os.PathLike)):
+            args.diverse_dataset = os.fspath(diverse_dataset)
+        elif diverse_dataset is None:
+            diverse_dataset = args.diverse_dataset
+        if diverse_ratio is not None:
+            args.diverse_ratio = check_diverse_ratio(diverse_ratio)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: a Dataset, a JSONL path, a saved folder or a hub name.")
+        if isinstance(train_dataset, IterableDataset):
+            raise TypeError("DSFTTrainer mixes rows by index, so `train_dataset` must be a Dataset, not an IterableDataset.")
+
+        # Every process builds the same mixture (seeded); the main one goes first so datasets' cache is written once.
+        with PartialState().main_process_first():
+            train_dataset, self.mixture_plan = _mix(
+                train_dataset, diverse_dataset, args.diverse_ratio, args.diverse_seed, args.diverse_sampling
+            )
+            eval_dataset = self._prepare_eval_dataset(eval_dataset)
+        self._diverse_description = None if diverse_dataset is None else _describe(diverse_dataset)
+
+        self._log_per_source = args.log_loss_per_source
+        if self._log_per_source and (args.packing or args.padding_free):
+            warnings.warn(
+                "Per-source loss logging is off: packing / padding-free training merges rows of both sources into one "
+                "sequence. Set packing=False and padding_free=False to log loss_downstream / loss_diverse.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._log_per_source = False
+        self._source_sums: dict[str, torch.Tensor] = {}
+
+        if peft_config is not None and not isinstance(model, str):
+            resolve_trainable_token_modules(peft_config, model)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        expose_trainable_token_lm_head_bias(self.model)
+        if self._log_per_source:
+            self.data_collator = SourceTaggingCollator(self.data_collator)
+        self.mixture = self._mixture_record()
+        logger.info("DELIA mixture: %s", json.dumps(self.mixture["sources"]))
+        if self.is_world_process_zero():
+            self._write_mixture()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prepare_one_eval(dataset: Any, label: str) -> Dataset:
+        loaded, data_format, _ = _load_with_format(dataset, label)
+        keep_source = "source" in loaded.column_names and set(loaded.unique("source")) <= set(SOURCES)
+        return to_prompt_completion(loaded, data_format, None if keep_source else "downstream")
+
+    def _prepare_eval_dataset(self, eval_dataset: Any) -> Any:
+        """Eval rows are validated and normalised like training rows; they count as downstream unless tagged."""
+        if eval_dataset is None:
+            return None
+        if isinstance(eval_dataset, dict):
+            return {name: self._prepare_one_eval(data, f"eval dataset {name!r}") for name, data in eval_dataset.items()}
+        return self._prepare_one_eval(eval_dataset, "eval dataset")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._log_per_source and "source" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "source"]
+
+    def _mixture_record(self) -> dict[str, Any]:
+        """Rows, tokens and loss tokens per source in the prepared training set, plus how it was drawn."""
+        plan: MixturePlan = self.mixture_plan
+        sources: dict[str, dict[str, int]] = {}
+        dataset = self.train_dataset
+        if isinstance(dataset, Dataset) and {"source", "input_ids", "labels"} <= set(dataset.column_names):
+            table = dataset.select_columns(["source", "input_ids", "labels"]).with_format("arrow")[:]
+            source = table.column("source").to_numpy(zero_copy_only=False)
+            tokens = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+            labels = table.column("labels")
+            loss_mask = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
+            parents = pc.list_parent_indices(labels).to_numpy()
+            loss_tokens = np.bincount(parents, weights=loss_mask, minlength=len(source))
+            for name in SOURCES:
+                rows = source == name
+                if rows.any():
+                    sources[name] = {
+                        "rows": int(rows.sum()),
+                        "tokens": int(tokens[rows].sum()),
+                        "loss_tokens": int(loss_tokens[rows].sum()),
+                    }
+        else:  # packed: the source column is gone after tokenisation
+            sources = {"downstream": {"rows": plan.downstream_rows}, "diverse": {"rows": plan.diverse_rows}}
+        return {
+            "sources": sources,
+            "diverse_dataset": self._diverse_description,
+            "cache_rows": plan.cache_rows,
+            "diverse_ratio": plan.ratio,
+            "diverse_sampling": plan.sampling,
+            "resolved_sampling": plan.resolved_sampling,
+            "diverse_seed": plan.seed,
+        }
+
+    def _write_mixture(self) -> None:
+        """Write the mixture record atomically, so a kill never leaves half a file."""
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.args.output_dir, prefix=f".{MIXTURE_FILE}.")
+        with os.fdopen(handle, "w") as out:
+            json.dump(self.mixture, out, indent=2)
+            out.write("\n")
+        os.replace(temporary, os.path.join(self.args.output_dir, MIXTURE_FILE))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Per-source loss
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        source_ids = inputs.pop("source_ids", None)
+        if source_ids is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # SFTTrainer's fused LM head returns per-token log-probs; catch them on the way out instead of recomputing.
+        outputs_seen = []
+        hook = model.register_forward_hook(lambda module, args, output: outputs_seen.append(output))
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+        fused = next((out for out in outputs_seen if getattr(out, "log_probs", None) is not None), None)
+        if fused is not None:
+            self._add_source_sums(fused.log_probs, fused.label_mask, source_ids)
+        return result
+
+    def _add_source_sums(self, log_probs: torch.Tensor, label_mask: torch.Tensor, source_ids: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        known = source_ids >= 0
+        ids = source_ids[known].to(log_probs.device)
+        nll = -log_probs.detach()[known].float().sum(dim=1)
+        tokens = label_mask[known].sum(dim=1).float()
+        sums = self._source_sums.get(mode)
+        if sums is None:
+            sums = self._source_sums[mode] = torch.zeros(2, len(SOURCES), device=log_probs.device)
+        sums[0].index_add_(0, ids, nll)
+        sums[1].index_add_(0, ids, tokens)
+
+    def _pop_source_losses(self, mode: str, prefix: str) -> dict[str, float]:
+        sums = self._source_sums.pop(mode, None)
+        if sums is None:
+            sums = torch.zeros(2, len(SOURCES), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum")
+        nll, tokens = sums.tolist()
+        return {f"{prefix}loss_{name}": nll[i] / tokens[i] for i, name in enumerate(SOURCES) if tokens[i] > 0}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._log_per_source:
+            if self.model.training:
+                logs.update(self._pop_source_losses("train", ""))
+            else:
+                loss_key = next((key for key in logs if key.endswith("_loss")), "eval_loss")
+                logs.update(self._pop_source_losses("eval", loss_key[: -len("loss")]))
+        super().log(logs, start_time)

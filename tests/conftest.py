@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny tokenizers and models built locally (no download), conversations, JSONL writers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from delia import DSFTConfig
+from delia.tiny import build_tiny_model, build_tiny_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def conversation(user: str, assistant: str, system: str | None = None) -> dict:
+    """One DELIA row: {"messages": [system?, user, assistant]}."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages}
+
+
+def downstream_rows(count: int = 8) -> list[dict]:
+    """Hallucination-judgement rows in the `<sep>` format (written for these tests)."""
+    return [
+        conversation(
+            f"'user_query' : what is {i} plus {i}?\n'chatgpt_response' : {2 * i + i % 2}\nFollow the <sep> format.",
+            f"{{'thought': 'The sum is {2 * i}.', 'hallucination': '{'yes' if i % 2 else 'no'}'}}",
+        )
+        for i in range(count)
+    ]
+
+
+def diverse_rows(count: int = 40) -> list[dict]:
+    """General queries answered at varied lengths, standing in for a self-sampled cache."""
+    return [
+        conversation(f"Write note number {i} about the sea.", "The waves come in and the gulls cry. " * (1 + i % 4))
+        for i in range(count)
+    ]
+
+
+def write_jsonl(path: Path, rows: list, trailing_newline: bool = True) -> Path:
+    """Write one JSON value per line; optionally without the final newline, as the original DELIA files."""
+    text = "\n".join(json.dumps(row) for row in rows)
+    path.write_text(text + ("\n" if trailing_newline else ""), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_tokenizer() -> Callable:
+    """A fresh tiny BPE tokenizer: make_tokenizer("llama2") (no generation markers) or make_tokenizer("chatml")."""
+    return build_tiny_tokenizer
+
+
+@pytest.fixture
+def make_model() -> Callable:
+    """A fresh tiny Llama model for a tokenizer: make_model(tokenizer, tied=True)."""
+
+    def make(tokenizer, tied: bool = True, seed: int = 0):
+        return build_tiny_model(tokenizer, tie_word_embeddings=tied, seed=seed)
+
+    return make
+
+
+@pytest.fixture
+def downstream() -> Dataset:
+    return Dataset.from_list(downstream_rows())
+
+
+@pytest.fixture
+def diverse() -> Dataset:
+    return Dataset.from_list(diverse_rows())
+
+
+@pytest.fixture
+def make_config(tmp_path) -> Callable[..., DSFTConfig]:
+    """A DSFTConfig for fast CPU runs in tmp_path; keyword arguments override."""
+
+    def make(**overrides) -> DSFTConfig:
+        settings = {
+            "output_dir": str(tmp_path / "run"),
+            "per_device_train_batch_size": 4,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+            "report_to": "none",
+            "save_strategy": "no",
+            "gradient_checkpointing": False,
+            "dataloader_num_workers": 0,
+            "seed": 0,
+        }
+        settings.update(overrides)
+        return DSFTConfig(**settings)
+
+    return make
