@@ -35,9 +35,7 @@ SOURCES = ("downstream", "diverse")
 
 EXPECTED_ROW = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 _MESSAGE = {"role": Value("string"), "content": Value("string")}
-CONVERSATIONAL_FEATURES = Features(
-    {"prompt": List(_MESSAGE), "completion": List(_MESSAGE), "source": Value("string")}
-)
+CONVERSATIONAL_FEATURES = Features({"prompt": List(_MESSAGE), "completion": List(_MESSAGE), "source": Value("string")})
 STANDARD_FEATURES = Features({"prompt": Value("string"), "completion": Value("string"), "source": Value("string")})
 _VALIDATION_BATCH_ROWS = 65_536
 
@@ -103,7 +101,9 @@ def _messages_problem(messages: Any, field_of: Callable[[int], str], whole: str)
         role = message.get("role")
         if role != expected:
             allowed = "'system' or 'user'" if index == 0 else repr(expected)
-            return f"field {field_of(index)}.role: expected {allowed}, got {role!r} (roles must alternate user/assistant)"
+            return (
+                f"field {field_of(index)}.role: expected {allowed}, got {role!r} (roles must alternate user/assistant)"
+            )
         content = message.get("content")
         if not isinstance(content, str):
             return f"field {field_of(index)}.content: expected a non-empty string, got {_type_name(content)}"
@@ -130,7 +130,9 @@ def _row_problem(row: Any, data_format: str) -> str | None:
         for name in ("prompt", "completion"):
             value = row.get(name)
             if not isinstance(value, str) or not value.strip():
-                return f"field '{name}': expected a non-empty string, got {_type_name(value) if value else 'an empty one'}"
+                return (
+                    f"field '{name}': expected a non-empty string, got {_type_name(value) if value else 'an empty one'}"
+                )
         return None
     prompt, completion = row.get("prompt"), row.get("completion")
     for name, value in (("prompt", prompt), ("completion", completion)):
@@ -159,7 +161,9 @@ def _detect_format(dataset: Dataset, origin: _Origin) -> str:
         prompt_feature = dataset.features["prompt"]
         return "standard" if isinstance(prompt_feature, Value) else "conversational"
     found = ", ".join(map(repr, columns)) or "none"
-    raise DataFormatError(f"{origin.where(0)}: missing field 'messages': expected {EXPECTED_ROW} (fields found: {found})")
+    raise DataFormatError(
+        f"{origin.where(0)}: missing field 'messages': expected {EXPECTED_ROW} (fields found: {found})"
+    )
 
 
 def _bad_rows_in_messages_batch(messages: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
@@ -193,7 +197,9 @@ def _bad_rows_in_messages_batch(messages: pa.ChunkedArray | pa.Array) -> np.ndar
     row_has_system = np.zeros(rows, dtype=bool)
     row_has_system[parent[(position == 0) & is_system]] = True
     turn = position - row_has_system[parent]
-    role_ok = ((position == 0) & is_system) | ((turn >= 0) & (turn % 2 == 0) & is_user) | ((turn % 2 == 1) & is_assistant)
+    role_ok = (
+        ((position == 0) & is_system) | ((turn >= 0) & (turn % 2 == 0) & is_user) | ((turn % 2 == 1) & is_assistant)
+    )
     stripped = pc.utf8_trim_whitespace(pc.struct_field(flat, "content"))
     content_ok = pc.fill_null(pc.greater(pc.utf8_length(stripped), 0), False).to_numpy(zero_copy_only=False)
     element_ok = role_ok & content_ok & ~pc.is_null(flat).to_numpy(zero_copy_only=False)
@@ -419,7 +425,11 @@ def _plain_prompt_completion_batch(batch: dict[str, list], source: str) -> dict[
 
 
 def _standard_batch(batch: dict[str, list], source: str) -> dict[str, list]:
-    return {"prompt": batch["prompt"], "completion": batch["completion"], "source": _sources(batch, source, len(batch["prompt"]))}
+    return {
+        "prompt": batch["prompt"],
+        "completion": batch["completion"],
+        "source": _sources(batch, source, len(batch["prompt"])),
+    }
 
 
 def to_prompt_completion(dataset: Dataset, data_format: str, source: str | None) -> Dataset:

@@ -43,7 +43,9 @@ class SourceTaggingCollator:
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        source_ids = [SOURCES.index(example["source"]) if example.get("source") in SOURCES else -1 for example in examples]
+        source_ids = [
+            SOURCES.index(example["source"]) if example.get("source") in SOURCES else -1 for example in examples
+        ]
         batch = self.collator([{k: v for k, v in example.items() if k != "source"} for example in examples])
         batch["source_ids"] = torch.tensor(source_ids, dtype=torch.long)
         return batch
@@ -136,7 +138,9 @@ class DSFTTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a Dataset, a JSONL path, a saved folder or a hub name.")
         if isinstance(train_dataset, IterableDataset):
-            raise TypeError("DSFTTrainer mixes rows by index, so `train_dataset` must be a Dataset, not an IterableDataset.")
+            raise TypeError(
+                "DSFTTrainer mixes rows by index, so `train_dataset` must be a Dataset, not an IterableDataset."
+            )
 
         # Every process builds the same mixture (seeded); the main one goes first so datasets' cache is written once.
         with PartialState().main_process_first():

@@ -107,7 +107,9 @@ def _initialise_rows(
             ids = tokenizer(init[token], add_special_tokens=False)["input_ids"]
             ids = [i for i in ids if i < old_vocab]
             if not ids:
-                raise ValueError(f"new_token_init[{token!r}] = {init[token]!r} has no tokens of the original vocabulary")
+                raise ValueError(
+                    f"new_token_init[{token!r}] = {init[token]!r} has no tokens of the original vocabulary"
+                )
             description_ids[token] = ids
     elif init not in ("mean", "random"):
         raise ValueError(f"new_token_init must be 'mean', 'random' or a dict token -> description; got {init!r}")

@@ -37,8 +37,8 @@ def test_labels_cover_the_assistant_reply_only(make_tokenizer, make_model, make_
     checked = 0
     for row in trainer.train_dataset:
         reply = row["completion"][0]["content"]
-        labelled = [token for token, label in zip(row["input_ids"], row["labels"]) if label != -100]
-        unlabelled = [token for token, label in zip(row["input_ids"], row["labels"]) if label == -100]
+        labelled = [token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+        unlabelled = [token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
         labelled_text = tokenizer.decode(labelled)
         assert labelled_text.strip().startswith(reply.strip()), labelled_text
         assert tokenizer.eos_token in labelled_text  # the model learns to stop
@@ -155,7 +155,12 @@ def test_per_source_loss_matches_an_independent_computation(make_tokenizer, make
         make_model,
         make_config,
         diverse_ratio=1,
-        config={"learning_rate": 0.0, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 3},
+        config={
+            "learning_rate": 0.0,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "max_steps": 3,
+        },
     )
     recorder = RecordingCollator(trainer.data_collator)
     trainer.data_collator = recorder
@@ -180,7 +185,9 @@ def test_per_source_loss_matches_an_independent_computation(make_tokenizer, make
                 assert entry[f"loss_{name}"] == pytest.approx((nll[index] / tokens[index]).item(), rel=1e-5)
             else:
                 assert f"loss_{name}" not in entry
-        combined = sum(entry.get(f"loss_{name}", 0.0) * tokens[i].item() for i, name in enumerate(("downstream", "diverse")))
+        combined = sum(
+            entry.get(f"loss_{name}", 0.0) * tokens[i].item() for i, name in enumerate(("downstream", "diverse"))
+        )
         assert entry["loss"] == pytest.approx(combined / tokens.sum().item(), rel=1e-5)
 
 
@@ -191,7 +198,11 @@ def test_per_source_loss_is_invariant_to_gradient_accumulation(make_tokenizer, m
             make_model,
             make_config,
             diverse_ratio=1,
-            config={"per_device_train_batch_size": batch_size, "gradient_accumulation_steps": accumulation, "max_steps": 3},
+            config={
+                "per_device_train_batch_size": batch_size,
+                "gradient_accumulation_steps": accumulation,
+                "max_steps": 3,
+            },
         )
         return train_logs(trainer)
 

@@ -37,7 +37,9 @@ def test_new_token_rows_are_initialised_by_id(make_tokenizer, make_model, tied):
     torch.testing.assert_close(new_input[sep_id], old_input.mean(dim=0))
     torch.testing.assert_close(new_output[sep_id], old_output.mean(dim=0))
     torch.testing.assert_close(new_input[:old_vocab], old_input)  # existing rows untouched
-    torch.testing.assert_close(new_input[sep_id + 1 :], old_input.mean(dim=0).expand(new_input.shape[0] - sep_id - 1, -1))
+    torch.testing.assert_close(
+        new_input[sep_id + 1 :], old_input.mean(dim=0).expand(new_input.shape[0] - sep_id - 1, -1)
+    )
     assert getattr(model.config, NEW_TOKEN_IDS_ATTRIBUTE) == [sep_id]
     # "<sep>" is one token, not split into pieces
     assert tokenizer("a <sep> b", add_special_tokens=False)["input_ids"].count(sep_id) == 1
@@ -243,7 +245,10 @@ def test_training_arguments_follow_the_original_recipe(tmp_path):
     if not torch.cuda.is_available():
         assert args.bf16 is False and args.fp16 is False  # half precision only with CUDA
     assert args.eval_steps == 0.1 and args.diverse_ratio == 100.0
-    assert get_training_arguments(str(tmp_path), 1, 2e-4, 16, 4, 128, report_to="none", eval_strategy="no").eval_strategy == "no"
+    assert (
+        get_training_arguments(str(tmp_path), 1, 2e-4, 16, 4, 128, report_to="none", eval_strategy="no").eval_strategy
+        == "no"
+    )
 
 
 def test_original_readme_script_end_to_end(make_tokenizer, make_model, tmp_path):
