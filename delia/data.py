@@ -485,7 +485,7 @@ class MixturePlan:
         if self.resolved_sampling == "none":
             indices = np.empty(0, dtype=np.int64)
         elif self.resolved_sampling == "without_replacement":
-            indices = rng.choice(self.cache_rows, size=self.diverse_rows, replace=True)
+            indices = rng.choice(self.cache_rows, size=self.diverse_rows, replace=False)
         elif self.resolved_sampling == "with_replacement":
             indices = rng.integers(0, self.cache_rows, size=self.diverse_rows)
         else:
