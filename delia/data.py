@@ -388,8 +388,8 @@ def load_conversations(source: Any, *, label: str = "dataset", split: str = "tra
     return dataset
 
 
-def _load_with_format(source: Any, label: str, split: str = "train") -> tuple[Dataset, str, str]:
-    """Load and validate; return the dataset, its format and a name for messages."""
+def read_conversations(source: Any, label: str, split: str = "train") -> tuple[Dataset, str, str]:
+    """Load and validate; return the dataset, its format ("messages", "conversational" or "standard") and a name."""
     dataset, origin = _read(source, label, split)
     return dataset, validate_conversations(dataset, origin), origin.label
 
@@ -458,7 +458,7 @@ def to_prompt_completion(dataset: Dataset, data_format: str, source: str | None)
 
 def prepare_conversations(source: Any, *, label: str = "dataset", row_source: str = "downstream") -> Dataset:
     """Load, validate and normalise one dataset (for example an eval set) to prompt/completion/source rows."""
-    dataset, data_format, _ = _load_with_format(source, label)
+    dataset, data_format, _ = read_conversations(source, label)
     return to_prompt_completion(dataset, data_format, row_source)
 
 
@@ -542,19 +542,22 @@ def mix_datasets(
     `prompt`, `completion` (TRL's conversational prompt/completion form) and `source` ("downstream" or "diverse").
     The draw and the shuffle depend only on `seed`, so every process of a distributed run builds the same mixture.
     """
-    mixed, _ = _mix(downstream, diverse, ratio, seed, sampling)
+    mixed, _ = build_mixture(downstream, diverse, ratio, seed, sampling)
     return mixed
 
 
-def _mix(downstream: Any, diverse: Any | None, ratio: float, seed: int, sampling: str) -> tuple[Dataset, MixturePlan]:
+def build_mixture(
+    downstream: Any, diverse: Any | None, ratio: float, seed: int, sampling: str
+) -> tuple[Dataset, MixturePlan]:
+    """`mix_datasets`, also returning the plan it followed (row counts and sampling mode), for the mixture record."""
     ratio = check_diverse_ratio(ratio)
     sampling = check_diverse_sampling(sampling)
-    down, down_format, down_name = _load_with_format(downstream, "downstream dataset")
+    down, down_format, down_name = read_conversations(downstream, "downstream dataset")
     parts = [to_prompt_completion(down, down_format, "downstream")]
     if diverse is None or diverse_row_count(ratio, len(down)) == 0:
         plan = plan_mixture(len(down), 0, 0.0, seed, sampling)
     else:
-        cache, cache_format, cache_name = _load_with_format(diverse, "diverse dataset")
+        cache, cache_format, cache_name = read_conversations(diverse, "diverse dataset")
         if _conversational(down_format) != _conversational(cache_format):
             kinds = {True: "conversational (message lists)", False: "standard (prompt/completion strings)"}
             down_what = "the downstream dataset" + ("" if down_name == "downstream dataset" else f" {down_name}")

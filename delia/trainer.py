@@ -28,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .config import DSFTConfig, check_diverse_ratio
-from .data import SOURCES, MixturePlan, _load_with_format, _mix, to_prompt_completion
+from .data import SOURCES, MixturePlan, build_mixture, read_conversations, to_prompt_completion
 from .utils import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class DSFTTrainer(SFTTrainer):
 
         # Every process builds the same mixture (seeded); the main one goes first so datasets' cache is written once.
         with PartialState().main_process_first():
-            train_dataset, self.mixture_plan = _mix(
+            train_dataset, self.mixture_plan = build_mixture(
                 train_dataset, diverse_dataset, args.diverse_ratio, args.diverse_seed, args.diverse_sampling
             )
             eval_dataset = self._prepare_eval_dataset(eval_dataset)
@@ -195,7 +195,7 @@ class DSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _prepare_one_eval(dataset: Any, label: str) -> Dataset:
-        loaded, data_format, _ = _load_with_format(dataset, label)
+        loaded, data_format, _ = read_conversations(dataset, label)
         keep_source = "source" in loaded.column_names and set(loaded.unique("source")) <= set(SOURCES)
         return to_prompt_completion(loaded, data_format, None if keep_source else "downstream")
 

@@ -249,3 +249,15 @@ def test_packing_and_padding_free_turn_per_source_logging_off(make_tokenizer, ma
         trainer = make_trainer(make_tokenizer, make_model, make_config, diverse_ratio=1, config=setting)
     logs = train_logs(trainer)
     assert logs and all("loss_downstream" not in entry and "loss_diverse" not in entry for entry in logs)
+
+
+def test_full_fine_tuning_updates_the_whole_model_and_lowers_the_loss(make_tokenizer, make_model, make_config):
+    trainer = make_trainer(
+        make_tokenizer, make_model, make_config, diverse_ratio=1, config={"max_steps": 12, "learning_rate": 1e-2}
+    )
+    before = {name: parameter.detach().clone() for name, parameter in trainer.model.named_parameters()}
+    logs = train_logs(trainer)
+    changed = [name for name, parameter in trainer.model.named_parameters() if not torch.equal(parameter, before[name])]
+    assert "model.embed_tokens.weight" in changed and any("mlp" in name for name in changed)
+    assert len(changed) == len(before)
+    assert logs[-1]["loss"] < logs[0]["loss"]
