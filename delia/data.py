@@ -416,6 +416,42 @@ def _split_messages_batch(batch: dict[str, list], source: str) -> dict[str, list
     return {"prompt": prompts, "completion": completions, "source": _sources(batch, source, len(prompts))}
 
 
+def _has_plain_message_type(column_type: pa.DataType) -> bool:
+    """list<struct<role: string, content: string, ...>>: the Arrow layout the fast split below can handle."""
+    if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)):
+        return False
+    item = column_type.value_type
+    return (
+        pa.types.is_struct(item)
+        and item.get_field_index("role") >= 0
+        and item.get_field_index("content") >= 0
+        and pa.types.is_string(item.field("role").type)
+        and pa.types.is_string(item.field("content").type)
+    )
+
+
+def _split_messages_table(table: pa.Table, source: str | None) -> pa.Table:
+    """The vectorised `_split_messages_batch`: prompt = messages[:-1], completion = messages[-1:], as Arrow lists."""
+    messages = table.column("messages").combine_chunks()
+    lengths = pc.list_value_length(messages).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(messages)
+    plain = pa.StructArray.from_arrays(
+        [pc.struct_field(flat, "role"), pc.struct_field(flat, "content")], names=["role", "content"]
+    )
+    is_last = np.zeros(len(plain), dtype=bool)
+    is_last[np.cumsum(lengths) - 1] = True
+    prompt_offsets = pa.array(np.concatenate(([0], np.cumsum(lengths - 1))), type=pa.int32())
+    completion_offsets = pa.array(np.arange(len(lengths) + 1), type=pa.int32())
+    sources = table.column("source") if source is None else pa.array([source] * len(lengths), type=pa.string())
+    return pa.table(
+        {
+            "prompt": pa.ListArray.from_arrays(prompt_offsets, plain.filter(pa.array(~is_last))),
+            "completion": pa.ListArray.from_arrays(completion_offsets, plain.filter(pa.array(is_last))),
+            "source": sources,
+        }
+    )
+
+
 def _plain_prompt_completion_batch(batch: dict[str, list], source: str) -> dict[str, list]:
     return {
         "prompt": [_plain_messages(prompt) for prompt in batch["prompt"]],
@@ -435,12 +471,31 @@ def _standard_batch(batch: dict[str, list], source: str) -> dict[str, list]:
 def to_prompt_completion(dataset: Dataset, data_format: str, source: str | None) -> Dataset:
     """Rewrite validated rows as `prompt` / `completion` / `source`; every other column is dropped.
 
-    `source` tags every row; None keeps the dataset's own `source` column.
+    `source` tags every row; None keeps the dataset's own `source` column. The result is kept in memory: it holds
+    only the rows a mixture uses, and writing it to datasets' cache would leave one file per seed and ratio.
     """
     if source is not None and source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if source is None and "source" not in dataset.column_names:
         raise ValueError("source=None keeps the dataset's `source` column, but it has none")
+    if data_format == "messages" and _has_plain_message_type(dataset.data.schema.field("messages").type):
+        # Fast path for the usual layout: split the lists with Arrow instead of a Python loop over rows
+        columns = ["messages"] if source is not None else ["messages", "source"]
+        return (
+            dataset.select_columns(columns)
+            .with_format("arrow")
+            .map(
+                _split_messages_table,
+                batched=True,
+                batch_size=10_000,
+                fn_kwargs={"source": source},
+                remove_columns=columns,
+                features=CONVERSATIONAL_FEATURES,
+                keep_in_memory=True,
+                desc=f"Preparing {source or 'tagged'} rows",
+            )
+            .with_format(None)
+        )
     function, features = {
         "messages": (_split_messages_batch, CONVERSATIONAL_FEATURES),
         "conversational": (_plain_prompt_completion_batch, CONVERSATIONAL_FEATURES),
@@ -452,6 +507,7 @@ def to_prompt_completion(dataset: Dataset, data_format: str, source: str | None)
         fn_kwargs={"source": source},
         remove_columns=dataset.column_names,
         features=features,
+        keep_in_memory=True,
         desc=f"Preparing {source or 'tagged'} rows",
     )
 
@@ -576,7 +632,7 @@ def build_mixture(
                 UserWarning,
                 stacklevel=3,
             )
-        drawn = cache.select(plan.draw())
+        drawn = cache.select(plan.draw(), keep_in_memory=True)
         parts.append(to_prompt_completion(drawn, cache_format, "diverse"))
     mixed = concatenate_datasets(parts).shuffle(seed=seed)
     logger.info(

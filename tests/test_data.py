@@ -597,3 +597,33 @@ def test_config_defaults_and_diverse_seed(tmp_path):
         output_dir=str(tmp_path), report_to="none", diverse_ratio=2.5, diverse_sampling="with_replacement"
     )
     assert config.diverse_ratio == 2.5 and config.diverse_sampling == "with_replacement"
+
+
+def test_arrow_split_matches_the_row_by_row_split():
+    """The vectorised messages -> prompt/completion split gives exactly what the plain Python split gives."""
+    from delia.data import CONVERSATIONAL_FEATURES, _split_messages_batch, to_prompt_completion
+
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"},
+                {"role": "user", "content": "e"},
+                {"role": "assistant", "content": "f"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "t"},
+                {"role": "user", "content": "g"},
+                {"role": "assistant", "content": "h"},
+            ]
+        },
+    ]
+    dataset = Dataset.from_list(rows * 5).select([14, 3, 7, 0, 1])  # an index mapping, as after a draw
+    fast = to_prompt_completion(dataset, "messages", "diverse")
+    slow = _split_messages_batch(dataset[:], "diverse")
+    assert fast.to_dict() == slow
+    assert fast.features == CONVERSATIONAL_FEATURES

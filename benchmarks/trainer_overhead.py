@@ -1,0 +1,325 @@
+"""
+Per-step overhead of DSFTTrainer over TRL's plain SFTTrainer, on the same rows, the same model and the same seed.
+
+What is measured: the wall time of one optimizer step, taken from one `on_step_begin` callback to the next. That
+interval holds everything the training loop does for a step: forward + backward (DSFTTrainer hooks the model to catch
+the per-token log-probs and adds them to per-source sums), the optimizer step, logging (logging_steps=1; DSFTTrainer
+adds loss_downstream / loss_diverse to every log) and fetching + collating the next batch (DSFTTrainer wraps the
+collator to carry each row's `source`). The narrower `on_step_begin` -> `on_step_end` interval (forward, backward,
+optimizer) is printed too.
+
+Same work on both sides: synthetic conversational rows (a small downstream set and a larger diverse cache) are mixed
+once with `delia.mix_datasets`, and SFTTrainer gets that mixed dataset (its `source` column is left in place; the
+dataloader drops columns the model does not take). DSFTTrainer gets the downstream and diverse sets with the same
+ratio and seed and builds the mixture itself. The script stops unless both prepared train datasets hold identical
+input_ids in the same order, and unless both runs log the same loss at every step.
+
+Alternation: the machine may be shared with other jobs, whose bursts of work last seconds, longer than a training
+run's step. So each round builds both trainers (fresh models, same seed) and trains them in two threads that take
+turns one optimizer step at a time (only one computes at any moment): step k of one trainer runs right after step k
+of the other, on the same batch, and both see the same background load. Which trainer goes first flips each round.
+The first --warmup steps of every run are dropped; the last line is the median DSFT step time over the median SFT
+step time, pooled over all rounds. Per-round ratios scatter by several percent even with SFTTrainer in both slots
+(plausibly as each round's fresh models land differently in memory), hence many short rounds: --aa runs exactly
+that, SFT against SFT, to show the noise floor of the ratio on the machine at hand.
+
+Threads: torch uses one intra-op thread by default here. On a 2-core machine shared with another job, two threads
+made a step several times slower and far noisier in our runs (each op waits for the thread that lost its core);
+--threads 0 restores torch's default.
+
+    python benchmarks/trainer_overhead.py                  # 8 rounds of 25 steps x batch 8, tiny Llama 128 x 2
+    python benchmarks/trainer_overhead.py --aa             # noise floor: SFT against SFT
+    python benchmarks/trainer_overhead.py --hidden-size 256 --layers 4 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import PrinterCallback, TrainerCallback  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+import delia  # noqa: E402
+from delia import DSFTConfig, DSFTTrainer  # noqa: E402
+from delia.tiny import TRAINING_TEXT, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+parser.add_argument("--steps", type=int, default=25, help="optimizer steps per training run")
+parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every run")
+parser.add_argument("--rounds", type=int, default=8, help="rounds (the order flips every round)")
+parser.add_argument("--batch-size", type=int, default=8)
+parser.add_argument("--hidden-size", type=int, default=128)
+parser.add_argument("--layers", type=int, default=2)
+parser.add_argument("--downstream-rows", type=int, default=32)
+parser.add_argument("--cache-rows", type=int, default=2000, help="rows in the synthetic diverse cache")
+parser.add_argument("--max-length", type=int, default=512, help="truncation length (the tiny model has 512 positions)")
+parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; see the docstring)")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--aa", action="store_true", help="A/A calibration: the DSFT slot runs SFTTrainer too (ratio ~1)")
+args = parser.parse_args()
+assert args.steps > args.warmup + 1, "need more steps than warm-up steps"
+
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
+transformers.logging.set_verbosity_error()
+logging.getLogger("delia").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synthetic rows: short downstream judgements and a diverse cache of varied lengths, built from the tokenizer's text
+
+SENTENCES = [line.strip() for line in TRAINING_TEXT.splitlines() if line.strip()]
+
+
+def conversation(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def downstream_rows(count: int) -> list[dict]:
+    return [
+        conversation(
+            f"'user_query' : what is {i} plus {i}?\n'chatgpt_response' : {2 * i + i % 2}\nFollow the <sep> format.",
+            f"{{'thought': 'The sum is {2 * i}.', 'hallucination': '{'yes' if i % 2 else 'no'}'}}",
+        )
+        for i in range(count)
+    ]
+
+
+def diverse_rows(count: int, rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(count):
+        user = " ".join(rng.choices(SENTENCES, k=rng.randint(1, 2)))
+        assistant = " ".join(rng.choices(SENTENCES, k=rng.randint(1, 5)))
+        rows.append(conversation(user, assistant))
+    return rows
+
+
+tokenizer = build_tiny_tokenizer("llama2")
+downstream = Dataset.from_list(downstream_rows(args.downstream_rows))
+cache = Dataset.from_list(diverse_rows(args.cache_rows, random.Random(args.seed)))
+# enough mixed rows for every step to see a fresh batch: ratio x downstream + downstream >= steps x batch
+rows_needed = args.steps * args.batch_size
+ratio = max(1, -(-(rows_needed - args.downstream_rows) // args.downstream_rows))
+assert ratio * args.downstream_rows <= args.cache_rows, "the cache is too small for that many steps; raise --cache-rows"
+mixed = delia.mix_datasets(downstream, cache, ratio=ratio, seed=args.seed)
+print(
+    f"rows: {args.downstream_rows} downstream + {ratio * args.downstream_rows} diverse (ratio {ratio}) = {len(mixed)}; "
+    f"{args.steps} steps x batch {args.batch_size}; model hidden {args.hidden_size} x {args.layers} layers; "
+    f"torch threads {torch.get_num_threads()}"
+)
+if args.aa:
+    print("A/A calibration (--aa): the slot labelled DSFT runs SFTTrainer too, so the ratio shows the noise floor")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+class Baton:
+    """Lets two trainers, each training in its own thread, run one optimizer step at a time, taking turns.
+
+    Neither starts its first step until both have reached it (so the set-up of one never overlaps a step of the
+    other); then the turn passes at every `on_step_begin`. Only one thread computes at any moment.
+    """
+
+    def __init__(self, order: tuple[str, str], timeout: float = 600.0):
+        self.order, self.timeout = order, timeout
+        self.turn: str | None = None  # whose step it is; None until both have arrived at their first step
+        self.arrived: set[str] = set()
+        self.done: set[str] = set()
+        self.failure: str | None = None
+        self.condition = threading.Condition()
+
+    def wait_turn(self, name: str) -> None:
+        with self.condition:
+            self.arrived.add(name)
+            if self.turn is None and self.arrived == set(self.order):
+                self.turn = self.order[0]
+                self.condition.notify_all()
+            if not self.condition.wait_for(lambda: self.failure or self.turn == name, timeout=self.timeout):
+                raise TimeoutError(f"{name} waited {self.timeout:.0f} s for its turn")
+            if self.failure:
+                raise RuntimeError(f"the other trainer failed: {self.failure}")
+
+    def pass_turn(self, name: str) -> None:
+        with self.condition:
+            others = [other for other in self.order if other != name and other not in self.done]
+            self.turn = others[0] if others else name
+            self.condition.notify_all()
+
+    def finish(self, name: str) -> None:
+        with self.condition:  # a reentrant lock: pass_turn takes it again
+            self.done.add(name)
+            self.pass_turn(name)
+
+    def fail(self, reason: str) -> None:
+        with self.condition:
+            self.failure = reason
+            self.condition.notify_all()
+
+
+class LockstepTimer(TrainerCallback):
+    """Times each step from the moment it gets the turn to its next on_step_begin, then hands the turn over.
+
+    `steps`: whole steps (compute, logging, and fetching + collating the next batch). `computes`: on_step_begin ->
+    on_step_end only (forward, backward, optimizer).
+    """
+
+    def __init__(self, name: str, baton: Baton):
+        self.name, self.baton = name, baton
+        self.steps: list[float] = []
+        self.computes: list[float] = []
+        self.start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.steps.append(time.perf_counter() - self.start)
+            self.baton.pass_turn(self.name)
+        self.baton.wait_turn(self.name)
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.computes.append(time.perf_counter() - self.start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.computes = self.computes[: len(self.steps)]  # the last step has no next on_step_begin: leave it out
+        self.baton.finish(self.name)
+
+
+def config_kwargs(output_dir: str) -> dict:
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        logging_steps=1,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        bf16=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+    )
+
+
+def build_trainer(name: str, output_dir: str, timer: LockstepTimer):
+    model = build_tiny_model(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed)
+    if name == "SFT" or args.aa:
+        config = SFTConfig(**config_kwargs(output_dir))
+        return SFTTrainer(model=model, args=config, train_dataset=mixed, processing_class=tokenizer, callbacks=[timer])
+    config = DSFTConfig(**config_kwargs(output_dir), diverse_ratio=ratio, log_loss_per_source=True)
+    return DSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=downstream,
+        diverse_dataset=cache,
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+
+
+def check_same_rows(sft_rows: Dataset, dsft_rows: Dataset) -> None:
+    """Both trainers must train on the same token sequences in the same order, or the comparison means nothing."""
+    sft_ids, dsft_ids = sft_rows["input_ids"], dsft_rows["input_ids"]
+    if len(sft_ids) != len(dsft_ids):
+        raise SystemExit(f"FAIL: SFT prepared {len(sft_ids)} rows, DSFT {len(dsft_ids)}")
+    for index, (a, b) in enumerate(zip(sft_ids, dsft_ids, strict=True)):
+        if list(a) != list(b):
+            raise SystemExit(f"FAIL: prepared train rows differ first at row {index}: SFT {a[:10]}... DSFT {b[:10]}...")
+    print(f"check: both trainers prepared the same {len(sft_ids)} rows (identical input_ids, same order)")
+
+
+def train_in_thread(name: str, trainer, baton: Baton, results: dict) -> None:
+    torch.set_num_threads(torch_threads)  # the intra-op thread count is per thread: repeat the main thread's setting
+    try:
+        results[name] = trainer.train()
+    except BaseException as error:  # hand the error to the main thread, and release the other trainer
+        results[name] = error
+        baton.fail(f"{name}: {type(error).__name__}: {error}")
+
+
+def step_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+torch_threads = torch.get_num_threads()
+step_times = {"SFT": [], "DSFT": []}  # whole steps, warm-up dropped, pooled over rounds
+compute_times = {"SFT": [], "DSFT": []}
+paired_ratios = []  # DSFT step k / SFT step k, the two steps run back to back
+checked_rows = False
+with tempfile.TemporaryDirectory() as workdir:
+    for round_index in range(args.rounds):
+        order = ("SFT", "DSFT") if round_index % 2 == 0 else ("DSFT", "SFT")
+        baton = Baton(order)
+        timers = {name: LockstepTimer(name, baton) for name in order}
+        trainers = {}
+        for name in order:
+            trainers[name] = build_trainer(name, os.path.join(workdir, f"{name}-{round_index}"), timers[name])
+            trainers[name].remove_callback(PrinterCallback)  # disable_tqdm=True prints every log dict otherwise
+        if not checked_rows:
+            check_same_rows(trainers["SFT"].train_dataset, trainers["DSFT"].train_dataset)
+            checked_rows = True
+
+        results = {}
+        threads = [threading.Thread(target=train_in_thread, args=(n, trainers[n], baton, results)) for n in order]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - start
+        for name, result in results.items():
+            if isinstance(result, BaseException):
+                raise SystemExit(f"FAIL: {name} training raised {type(result).__name__}: {result}") from result
+
+        # same rows, same initial weights, same seed: the two runs must follow the same loss curve step for step
+        sft_losses, dsft_losses = step_losses(trainers["SFT"]), step_losses(trainers["DSFT"])
+        worst = max((abs(a - b) for a, b in zip(sft_losses, dsft_losses, strict=True)), default=0.0)
+        if len(sft_losses) != args.steps or worst > 1e-4:
+            raise SystemExit(
+                f"FAIL: the runs diverged: {len(sft_losses)} vs {len(dsft_losses)} losses, max diff {worst}"
+            )
+
+        medians = {}
+        for name in order:
+            steps = timers[name].steps[args.warmup :]
+            step_times[name] += steps
+            compute_times[name] += timers[name].computes[args.warmup :]
+            medians[name] = statistics.median(steps)
+        paired = [
+            d / s for s, d in zip(timers["SFT"].steps[args.warmup :], timers["DSFT"].steps[args.warmup :], strict=True)
+        ]
+        paired_ratios += paired
+        print(
+            f"round {round_index + 1}/{args.rounds} ({order[0]} first): median step SFT {1e3 * medians['SFT']:.2f} ms, "
+            f"DSFT {1e3 * medians['DSFT']:.2f} ms, ratio {medians['DSFT'] / medians['SFT']:.3f}; "
+            f"both {elapsed:.1f} s; losses identical (max diff {worst:.1e}, final {sft_losses[-1]:.4f})"
+        )
+        del trainers, timers
+        gc.collect()  # free this round's trainers now (they hold reference cycles), not inside a timed step later
+
+sft, dsft = statistics.median(step_times["SFT"]), statistics.median(step_times["DSFT"])
+sft_compute, dsft_compute = statistics.median(compute_times["SFT"]), statistics.median(compute_times["DSFT"])
+for name, median, compute in (("SFT", sft, sft_compute), ("DSFT", dsft, dsft_compute)):
+    steps = len(step_times[name])
+    print(f"{name:<4} median step {1e3 * median:.2f} ms over {steps} steps (compute only {1e3 * compute:.2f} ms)")
+print(f"compute-only ratio (on_step_begin -> on_step_end): {dsft_compute / sft_compute:.3f}")
+print(f"median of paired per-step ratios (DSFT step k / SFT step k): {statistics.median(paired_ratios):.3f}")
+print(f"ratio={dsft / sft:.3f}")
