@@ -101,21 +101,25 @@ def sep_rows(tokens: int = 8) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def lora_trainer(make_tokenizer, make_model, make_config, tied, **config):
-    tokenizer = make_tokenizer("llama2")
-    model = make_model(tokenizer, tied=tied)
-    [sep_id] = add_new_tokens(tokenizer, model, ["<sep>"])
-    before = embedding_rows(model)
-    trainer = DSFTTrainer(
+def lora_dsft(model, tokenizer, args) -> DSFTTrainer:
+    """LoRA r=4 with `<sep>` rows trainable (resolved from the model), on `<sep>` rows mixed 1:1 with diverse rows."""
+    return DSFTTrainer(
         model=model,
-        args=make_config(learning_rate=5e-2, max_steps=3, **config),
+        args=args,
         train_dataset=sep_rows(),
         diverse_dataset=Dataset.from_list(diverse_rows()),
         diverse_ratio=1,
         processing_class=tokenizer,
         peft_config=get_peft_config(r=4, lora_alpha=8),
     )
-    return trainer, sep_id, before
+
+
+def lora_trainer(make_tokenizer, make_model, make_config, tied):
+    tokenizer = make_tokenizer("llama2")
+    model = make_model(tokenizer, tied=tied)
+    [sep_id] = add_new_tokens(tokenizer, model, ["<sep>"])
+    before = embedding_rows(model)
+    return lora_dsft(model, tokenizer, make_config(learning_rate=5e-2, max_steps=3)), sep_id, before
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -148,15 +152,7 @@ def test_adapter_with_new_token_saves_and_reloads_to_identical_logits(
     make_model(tokenizer, tied=tied).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     tokenizer, model = setup_tokenizer_and_model(tmp_path / "base")
-    trainer = DSFTTrainer(
-        model=model,
-        args=make_config(learning_rate=5e-2, max_steps=3),
-        train_dataset=sep_rows(),
-        diverse_dataset=Dataset.from_list(diverse_rows()),
-        diverse_ratio=1,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(r=4, lora_alpha=8),  # new tokens resolved from the model
-    )
+    trainer = lora_dsft(model, tokenizer, make_config(learning_rate=5e-2, max_steps=3))
     trainer.train()
     trainer.save_model(tmp_path / "adapter")
     probe = tokenizer("[INST] Follow the <sep> format [/INST] <sep>", return_tensors="pt").input_ids
@@ -191,15 +187,7 @@ def test_quantized_load_and_lora_step_on_cpu(make_tokenizer, make_model, make_co
     assert getattr(model, f"is_loaded_in_{quantization}")
     layer = type(model.model.layers[0].self_attn.q_proj).__name__
     assert layer == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[quantization]
-    trainer = DSFTTrainer(
-        model=model,
-        args=make_config(learning_rate=5e-2, max_steps=1),
-        train_dataset=sep_rows(),
-        diverse_dataset=Dataset.from_list(diverse_rows()),
-        diverse_ratio=1,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(r=4, lora_alpha=8),
-    )
+    trainer = lora_dsft(model, tokenizer, make_config(learning_rate=5e-2, max_steps=1))
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     lora_after = dict(trainer.model.named_parameters())
@@ -215,15 +203,7 @@ def test_qlora_step_on_cuda_in_bf16(make_tokenizer, make_model, make_config, tmp
     tokenizer.save_pretrained(tmp_path / "base")
     tokenizer, model = setup_tokenizer_and_model(tmp_path / "base", quantization=quantization, dtype="bfloat16")
     assert model.device.type == "cuda"
-    trainer = DSFTTrainer(
-        model=model,
-        args=make_config(learning_rate=5e-2, max_steps=2, bf16=True),
-        train_dataset=sep_rows(),
-        diverse_dataset=Dataset.from_list(diverse_rows()),
-        diverse_ratio=1,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(r=4, lora_alpha=8),
-    )
+    trainer = lora_dsft(model, tokenizer, make_config(learning_rate=5e-2, max_steps=2, bf16=True))
     sep_id = tokenizer.convert_tokens_to_ids("<sep>")
     before = trainer.model.get_input_embeddings().weight[sep_id].detach().clone()
     trainer.train()
