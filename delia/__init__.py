@@ -3,6 +3,7 @@
 # Import the legacy module `delia.DSFTTrainer` first, so that binding the class below wins over the submodule of the
 # same name (Python sets a package attribute when a submodule is first imported).
 from . import DSFTTrainer as _legacy_trainer_module  # noqa: F401
+from .build_cache import build_cache
 from .config import DSFTConfig
 from .data import (
     SOURCES,
@@ -30,6 +31,7 @@ __all__ = [
     "DataFormatError",
     "SourceTaggingCollator",
     "add_new_tokens",
+    "build_cache",
     "get_peft_config",
     "get_training_arguments",
     "load_conversations",

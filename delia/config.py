@@ -91,7 +91,7 @@ class DSFTConfig(SFTConfig):
         self.diverse_sampling = check_diverse_sampling(self.diverse_sampling)
         if self.diverse_seed is None:
             self.diverse_seed = self.seed
-        if self.bf16 is None and not self.fp16 and not _has_accelerator():
+        if self.bf16 is None and not self.fp16 and not has_accelerator():
             self.bf16 = False  # TRL defaults to bf16, which fails on a CPU-only machine; train in float32 there
         if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
             # transformers 5 renamed the field; TRL still sets the old name's default, which would warn on every run
@@ -99,7 +99,8 @@ class DSFTConfig(SFTConfig):
         super().__post_init__()
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator."""
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())

@@ -341,7 +341,8 @@ def _pick_split(dataset: Dataset | DatasetDict, split: str, label: str) -> Datas
     return dataset
 
 
-def _read(source: Any, label: str, split: str) -> tuple[Dataset, _Origin]:
+def read_dataset(source: Any, label: str, split: str = "train") -> tuple[Dataset, _Origin]:
+    """Read any dataset source (Dataset, JSONL/JSON file, saved folder, hub name) unvalidated, with its origin."""
     if isinstance(source, (Dataset, DatasetDict)):
         return _pick_split(source, split, label), _Origin(label)
     if not isinstance(source, (str, os.PathLike)):
@@ -383,14 +384,14 @@ def load_conversations(source: Any, *, label: str = "dataset", split: str = "tra
     Every row is validated; a bad row raises `DataFormatError` naming the file and line (or row) and the field.
     Returns the dataset as stored (validation does not rewrite it).
     """
-    dataset, origin = _read(source, label, split)
+    dataset, origin = read_dataset(source, label, split)
     validate_conversations(dataset, origin)
     return dataset
 
 
 def read_conversations(source: Any, label: str, split: str = "train") -> tuple[Dataset, str, str]:
     """Load and validate; return the dataset, its format ("messages", "conversational" or "standard") and a name."""
-    dataset, origin = _read(source, label, split)
+    dataset, origin = read_dataset(source, label, split)
     return dataset, validate_conversations(dataset, origin), origin.label
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
+from .cache_writer import write_json_atomically
 from .config import DSFTConfig, check_diverse_ratio
 from .data import SOURCES, MixturePlan, build_mixture, read_conversations, to_prompt_completion
 from .utils import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
@@ -248,11 +248,7 @@ class DSFTTrainer(SFTTrainer):
     def _write_mixture(self) -> None:
         """Write the mixture record atomically, so a kill never leaves half a file."""
         os.makedirs(self.args.output_dir, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.args.output_dir, prefix=f".{MIXTURE_FILE}.")
-        with os.fdopen(handle, "w") as out:
-            json.dump(self.mixture, out, indent=2)
-            out.write("\n")
-        os.replace(temporary, os.path.join(self.args.output_dir, MIXTURE_FILE))
+        write_json_atomically(os.path.join(self.args.output_dir, MIXTURE_FILE), self.mixture)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Per-source loss

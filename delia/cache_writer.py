@@ -1,0 +1,160 @@
+"""The durable JSONL writer behind build_cache: append and flush per batch, resume by id, repair a killed tail, merge.
+
+Invariants: a row is one JSON object on one line; a batch is written, flushed and fsynced before the next starts;
+nothing already written is lost. A process killed mid-write can leave a partial last line: on restart it is moved to
+`<file>.partial` (kept, not deleted) and the file ends at its last complete row again, or, if the tail is in fact a
+complete row that only lacks its newline, the newline is added.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+def _last_newline(handle, size: int) -> int:
+    """Offset of the last b"\\n" in the file, or -1."""
+    position, chunk = size, 1 << 16
+    while position > 0:
+        start = max(0, position - chunk)
+        handle.seek(start)
+        found = handle.read(position - start).rfind(b"\n")
+        if found >= 0:
+            return start + found
+        position = start
+    return -1
+
+
+def repair_tail(path: str) -> str | None:
+    """Make `path` end with a complete line; return where a partial last line was saved, if there was one."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return None
+        cut = _last_newline(handle, size) + 1
+        handle.seek(cut)
+        tail = handle.read()
+        try:
+            complete = isinstance(json.loads(tail), dict)
+        except ValueError:
+            complete = False
+        if complete:
+            handle.seek(size)
+            handle.write(b"\n")
+            return None
+        saved = f"{path}.partial"
+        with open(saved, "ab") as partial:
+            partial.write(tail + b"\n")
+            partial.flush()
+            os.fsync(partial.fileno())
+        handle.truncate(cut)
+        handle.flush()
+        os.fsync(handle.fileno())
+        return saved
+
+
+def read_rows(path: str) -> Iterator[dict[str, Any]]:
+    """The rows of a cache file; a line that is not a JSON object is an error naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise ValueError(
+                    f"{path}, line {line_number}: not valid JSON ({error}); only the last line can be repaired "
+                    "automatically, so fix or move this file"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def done_ids(paths: Iterable[str]) -> set[str]:
+    """Ids of every row already written to any of `paths` (missing files count as empty)."""
+    ids: set[str] = set()
+    for path in paths:
+        if os.path.exists(path):
+            ids.update(str(row["id"]) for row in read_rows(path) if "id" in row)
+    return ids
+
+
+class CacheWriter:
+    """Appends rows to one JSONL file; each `write` is flushed and fsynced before it returns."""
+
+    def __init__(self, path: str):
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self.repaired = repair_tail(path)
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> int:
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        self._handle.write(lines)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return lines.count("\n")
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def shard_path(output: str, rank: int, world_size: int) -> str:
+    return f"{output}.shard-{rank:05d}-of-{world_size:05d}"
+
+
+def shard_paths(output: str) -> list[str]:
+    """Every shard file next to `output`, from this run or an earlier one with another number of processes."""
+    return sorted(glob.glob(glob.escape(output) + ".shard-*-of-*"))
+
+
+def merge_shards(output: str, order: dict[str, int]) -> int:
+    """Fold every shard into `output` (rows ordered by `order[id]`, duplicates dropped), atomically; return the rows.
+
+    The merged file is written next to `output` and moved over it in one step, then the shards are removed: a kill at
+    any point leaves either the old files or the merged one, never a half-written output.
+    """
+    shards = shard_paths(output)
+    if not shards:
+        return 0
+    rows: dict[str, dict[str, Any]] = {}
+    for path in [output, *shards]:
+        if os.path.exists(path):
+            repair_tail(path)
+            for row in read_rows(path):
+                rows.setdefault(str(row.get("id")), row)
+    ordered = sorted(rows.values(), key=lambda row: order.get(str(row.get("id")), len(order)))
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".merge-")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, output)
+    for path in shards:
+        os.remove(path)
+    return len(ordered)
+
+
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".meta-")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(payload, out, indent=2)
+        out.write("\n")
+    os.replace(temporary, path)

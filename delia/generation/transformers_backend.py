@@ -1,0 +1,102 @@
+"""In-process generation with transformers: batched `generate`, left padding, only the new tokens decoded.
+
+The caller decides the order (build_cache sorts queries by prompt length, so each batch pads little); this backend
+splits what it is given into batches of `batch_size`, in that order, under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .base import Conversation, Generation, SamplingConfig
+from .prompts import PromptRenderer, PromptRenderError
+
+
+def load_model_and_tokenizer(
+    model: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None
+) -> tuple[Any, Any]:
+    """Load a causal LM for generation: bf16 on a bf16-capable GPU, float32 on CPU."""
+    path = os.fspath(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"could not load model {path!r}: expected a local folder with config.json and weights, or a hub model "
+            f"name ({reason})"
+        ) from None
+    return loaded.to(device).eval(), tokenizer
+
+
+class TransformersBackend:
+    """Batched sampling with `model.generate`; decodes only the tokens after each prompt."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.renderer = PromptRenderer(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+
+    def prompt_ids(self, conversations: list[Conversation]) -> list[list[int]]:
+        """Token ids of each rendered prompt (the chat template adds any BOS itself)."""
+        prompts = [self.renderer.render(messages, index) for index, messages in enumerate(conversations)]
+        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+        ids = self.prompt_ids(conversations)
+        replies: list[Generation] = []
+        for start in range(0, len(ids), self.batch_size):
+            replies += self._generate_batch(ids[start : start + self.batch_size], sampling, start)
+        return replies
+
+    def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig, offset: int) -> list[Generation]:
+        width = max(map(len, batch))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in batch], device=self.model.device)
+        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch])
+        torch.manual_seed(sampling.seed + offset)
+        options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad}
+        if sampling.min_new_tokens:
+            options["min_new_tokens"] = sampling.min_new_tokens
+        if sampling.temperature > 0:
+            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None)
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask.to(self.model.device), **options
+        )
+        replies = []
+        for row in output[:, width:].tolist():
+            stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+            new_tokens = row if stop is None else row[: stop + 1]
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            replies.append(Generation(text, len(new_tokens), "length" if stop is None else "stop"))
+        return replies
+
+    def close(self) -> None:
+        pass
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+__all__ = ["TransformersBackend", "load_model_and_tokenizer", "PromptRenderError"]

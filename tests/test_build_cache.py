@@ -1,0 +1,272 @@
+"""build_cache: prompts (golden strings), decoding, durability (SIGKILL, truncated tail), sharding, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import conversation, write_jsonl
+
+from delia import DataFormatError
+from delia.build_cache import build_cache, load_queries, query_id
+from delia.cli import main as cli_main
+from delia.generation.base import SamplingConfig
+from delia.generation.prompts import PromptRenderer, build_conversation
+from delia.generation.transformers_backend import TransformersBackend
+from delia.tiny import build_tiny_model, build_tiny_tokenizer
+
+SYSTEM = "Be brief."
+
+
+def queries(count: int) -> list[dict]:
+    return [
+        conversation(f"Question {i}: name a colour of the sea.", f"Reference {i}: blue or grey.") for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer("chatml")
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------------
+
+GOLDEN = {
+    (
+        "llama2",
+        "reference",
+    ): "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST] Four. </s><s>[INST] What is 2+2? [/INST]",
+    ("llama2", "plain"): "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]",
+    ("chatml", "reference"): (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\nFour.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    ("chatml", "plain"): (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(("chat_template", "template"), list(GOLDEN))
+def test_prompts_match_golden_strings(chat_template, template):
+    renderer = PromptRenderer(build_tiny_tokenizer(chat_template))
+    messages = build_conversation("What is 2+2?", "Four.", template, SYSTEM)
+    assert renderer.render(messages) == GOLDEN[(chat_template, template)]
+
+
+def test_template_without_system_role_gets_the_system_text_folded():
+    tokenizer = build_tiny_tokenizer("chatml")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<turn>{{ m['role'] }}\n{{ m['content'] }}</turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<turn>assistant\n{% endif %}"
+    )
+    renderer = PromptRenderer(tokenizer)
+    prompt = renderer.render(build_conversation("Hi?", None, "plain", SYSTEM))
+    assert prompt == "<turn>user\nBe brief.\n\nHi?</turn>\n<turn>assistant\n"
+    assert renderer.fold_system is True
+
+
+def test_only_new_tokens_are_decoded_and_left_padding_is_harmless():
+    tokenizer = build_tiny_tokenizer("llama2")
+    model = build_tiny_model(tokenizer).eval()
+    backend = TransformersBackend(model, tokenizer, batch_size=2)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    short = build_conversation("Hi", None, "plain", None)
+    long = build_conversation("Write a short poem about the sea and the gulls over the harbour", None, "plain", None)
+    together = backend.generate([short, long], greedy)
+    for messages, reply in zip([short, long], together, strict=True):
+        ids = backend.prompt_ids([messages])[0]
+        with torch.no_grad():
+            full = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+        new = full[len(ids) :]
+        assert reply.text == tokenizer.decode(new, skip_special_tokens=True)  # the prompt is not in the reply
+        assert reply.num_tokens == len(new) and reply.finish_reason in {"stop", "length"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs: the original call, resume, repair, refusal to overwrite
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_original_call_signature_and_output_format(tiny_model_dir, tmp_path):
+    query_file = write_jsonl(tmp_path / "query_cache.jsonl", queries(10), trailing_newline=False)
+    output = tmp_path / "self_sample_cache.jsonl"
+    returned = build_cache(str(tiny_model_dir), str(query_file), str(output))  # the original three positionals
+    assert returned == str(output)
+    rows = rows_of(output)
+    meta = json.loads(Path(f"{output}.meta.json").read_text())
+    assert meta["counts"]["written"] == len(rows) and meta["counts"]["queries"] == 10
+    assert meta["counts"]["written"] + meta["counts"]["dropped_degenerate"] == 10
+    assert meta["template"] == "reference" and meta["sampling"]["max_new_tokens"] == 512 and meta["versions"]["torch"]
+    for row in rows:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"].strip()
+        assert row["id"] == query_id(user["content"])
+
+
+def test_resume_skips_done_rows_and_refuses_to_overwrite(tiny_model_dir, tmp_path):
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(12))
+    output = tmp_path / "cache.jsonl"
+    options = {"max_new_tokens": 4, "batch_size": 4, "keep_degenerate": True, "progress": False}
+    build_cache(tiny_model_dir, query_file, output, limit=5, **options)
+    first = output.read_text()
+    build_cache(tiny_model_dir, query_file, output, **options)
+    assert output.read_text().startswith(first)  # appended, nothing rewritten
+    ids = [row["id"] for row in rows_of(output)]
+    assert len(ids) == len(set(ids)) == 12
+    assert json.loads(Path(f"{output}.meta.json").read_text())["counts"]["skipped_already_done"] == 5
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_cache(tiny_model_dir, query_file, output, resume=False, **options)
+    assert len(rows_of(output)) == 12
+    build_cache(tiny_model_dir, query_file, output, resume=False, overwrite=True, limit=3, **options)
+    assert len(rows_of(output)) == 3
+
+
+def test_truncated_last_line_is_repaired_and_kept(tiny_model_dir, tmp_path):
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(6))
+    output = tmp_path / "cache.jsonl"
+    options = {"max_new_tokens": 4, "keep_degenerate": True, "progress": False}
+    build_cache(tiny_model_dir, query_file, output, limit=3, **options)
+    good = output.read_bytes()
+    fragment = b'{"messages": [{"role": "user", "content": "Question 3'
+    output.write_bytes(good + fragment)  # what a kill in the middle of a write leaves
+    build_cache(tiny_model_dir, query_file, output, **options)
+    assert output.read_bytes().startswith(good)
+    assert Path(f"{output}.partial").read_bytes() == fragment + b"\n"  # moved aside, not lost
+    ids = [row["id"] for row in rows_of(output)]
+    assert len(ids) == len(set(ids)) == 6
+
+    # a complete last row that only lacks its newline is kept as it is, not answered again
+    complete = output.read_bytes().rstrip(b"\n")
+    output.write_bytes(complete)
+    build_cache(tiny_model_dir, query_file, output, **options)
+    assert output.read_bytes() == complete + b"\n"
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.parametrize("kill_after_rows", [1, 30, 90])
+def test_sigkill_at_any_point_then_restart_answers_every_query_once(tiny_model_dir, tmp_path, kill_after_rows):
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(120))
+    output = tmp_path / "cache.jsonl"
+    command = [sys.executable, "-m", "delia.build_cache", str(tiny_model_dir), str(query_file), str(output)]
+    command += ["--batch-size", "1", "--max-new-tokens", "16", "--keep-degenerate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _count_lines(output) < kill_after_rows and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    written_before = _count_lines(output)
+    assert written_before >= kill_after_rows and written_before < 120  # killed mid-run
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = rows_of(output)  # every line is valid JSON
+    ids = [row["id"] for row in rows]
+    assert sorted(ids) == sorted(query_id(q["messages"][0]["content"]) for q in queries(120))
+    assert len(ids) == len(set(ids))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Two processes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_shard_and_merge_in_query_order(tiny_model_dir, tmp_path):
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(17))
+    output = tmp_path / "cache.jsonl"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", port, "-m", "delia.build_cache", str(tiny_model_dir), str(query_file), str(output)]
+    command += ["--max-new-tokens", "4", "--batch-size", "4", "--keep-degenerate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [query_id(q["messages"][0]["content"]) for q in queries(17)]
+    assert [row["id"] for row in rows_of(output)] == expected  # merged, in query order, each once
+    assert not list(tmp_path.glob("cache.jsonl.shard-*"))
+    meta = json.loads(Path(f"{output}.meta.json").read_text())
+    assert meta["counts"]["processes"] == 2 and meta["counts"]["written"] == 17
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Queries from fields, and bad input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_alpaca_style_fields_and_duplicates(tmp_path):
+    rows = [
+        {"instruction": "Translate to French", "input": "Good morning", "output": "Bonjour"},
+        {"instruction": "Name a prime", "input": "", "output": "7"},
+        {"instruction": "Name a prime", "input": "", "output": "11"},
+    ]
+    loaded = load_queries(write_jsonl(tmp_path / "alpaca.jsonl", rows))
+    assert [q.query for q in loaded] == ["Translate to French\n\nGood morning", "Name a prime"]
+    assert [q.reference for q in loaded] == ["Bonjour", "7"]
+    custom = [{"q": "Why is the sky blue?", "a": "Scattering."}]
+    loaded = load_queries(write_jsonl(tmp_path / "custom.jsonl", custom), query_field="q", reference_field="a")
+    assert loaded[0].query == "Why is the sky blue?" and loaded[0].reference == "Scattering."
+
+
+def test_bad_inputs_get_clear_errors_and_nothing_is_lost(tiny_model_dir, tmp_path):
+    good = write_jsonl(tmp_path / "q.jsonl", queries(3))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        build_cache(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "out.jsonl")
+    missing_field = write_jsonl(tmp_path / "fields.jsonl", [{"q": "a", "a": "b"}, {"q": "", "a": "c"}])
+    with pytest.raises(DataFormatError, match=r"fields.jsonl, line 2: field 'q' is missing or empty"):
+        build_cache(tiny_model_dir, missing_field, tmp_path / "out.jsonl", query_field="q", reference_field="a")
+    bad_row = write_jsonl(tmp_path / "bad.jsonl", [*queries(2), {"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(DataFormatError, match=r"bad.jsonl, line 3"):
+        build_cache(tiny_model_dir, bad_row, tmp_path / "out.jsonl")
+    with pytest.raises(OSError, match="could not load model"):
+        build_cache(tmp_path / "no-model", good, tmp_path / "out.jsonl")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        build_cache(tiny_model_dir, good, tmp_path / "out.jsonl", max_new_tokens=0)
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
+
+
+def test_a_row_the_chat_template_cannot_render_is_named(tmp_path):
+    tokenizer = build_tiny_tokenizer("chatml")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('no such word') }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    model_dir = tmp_path / "model"
+    build_tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = [*queries(3), conversation("This one says FORBIDDEN.", "ok")]
+    query_file = write_jsonl(tmp_path / "q.jsonl", rows)
+    with pytest.raises(DataFormatError, match=r"q.jsonl, line 4: the chat template failed to render .*no such word"):
+        build_cache(model_dir, query_file, tmp_path / "out.jsonl", system_prompt=None, progress=False)
+
+
+def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
+    code = cli_main(["build-cache", str(tiny_model_dir), str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl")])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("delia build-cache: error:") and "nope.jsonl" in error and "\n" not in error
