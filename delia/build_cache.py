@@ -327,6 +327,7 @@ def build_cache(
     target = shard_path(output, state.process_index, state.num_processes) if sharded else output
     repaired = repair_tail(target)  # a partial line left by a kill is moved aside before anything is read
     already = done_ids([output, *shard_paths(output)])
+    state.wait_for_everyone()  # every process has read the shards before any process appends to its own
     pending = [query for query in all_queries if query.id not in already]
     mine = pending[state.process_index :: state.num_processes]
 
