@@ -23,7 +23,7 @@ import importlib.util
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -359,8 +359,10 @@ def build_cache(
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
+            # Each batch gets its own seed, from its first query's id: independent streams, reproducible runs
+            batch_sampling = replace(sampling, seed=(seed + int(mine[batch[0]].id, 16)) % 2**31)
             try:
-                replies = engine.generate([conversations[i] for i in batch], sampling)
+                replies = engine.generate([conversations[i] for i in batch], batch_sampling)
             except PromptRenderError as error:
                 raise DataFormatError(f"{mine[batch[error.index]].where}: {error}") from None
             rows = []

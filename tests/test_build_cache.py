@@ -270,3 +270,21 @@ def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("delia build-cache: error:") and "nope.jsonl" in error and "\n" not in error
+
+
+def test_sampled_batches_get_their_own_seeds_and_repeat_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    seen: list[tuple[str, int]] = []
+    original = TransformersBackend.generate
+
+    def recording(self, conversations, sampling):
+        seen.append((conversations[0][-1]["content"], sampling.seed))
+        return original(self, conversations, sampling)
+
+    monkeypatch.setattr(TransformersBackend, "generate", recording)
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(6))
+    options = {"batch_size": 2, "max_new_tokens": 4, "keep_degenerate": True, "progress": False}
+    build_cache(tiny_model_dir, query_file, tmp_path / "a.jsonl", **options)
+    first_run, seen[:] = list(seen), []
+    build_cache(tiny_model_dir, query_file, tmp_path / "b.jsonl", **options)
+    assert seen == first_run  # the same batches get the same seeds on a rerun
+    assert len({seed for _, seed in first_run}) == len(first_run) == 3  # and every batch its own
