@@ -173,6 +173,15 @@ def add_new_tokens(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def model_load_error(path: str, error: Exception) -> OSError:
+    """One clear line for a model that cannot be loaded, instead of the hub client's traceback."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return OSError(
+        f"could not load model {path!r}: expected a local folder with config.json and weights, or a hub model "
+        f"name ({reason})"
+    )
+
+
 def setup_tokenizer_and_model(
     model_name_or_path: str | os.PathLike,
     *,
@@ -217,10 +226,7 @@ def setup_tokenizer_and_model(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     except OSError as error:
-        raise OSError(
-            f"could not load model {path!r}: expected a local folder with config.json and weights, or a hub model "
-            f"name ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})"
-        ) from None
+        raise model_load_error(path, error) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

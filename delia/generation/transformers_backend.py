@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..utils import model_load_error
 from .base import Conversation, Generation, SamplingConfig
 from .prompts import PromptRenderer, PromptRenderError
 
@@ -30,11 +31,7 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(
-            f"could not load model {path!r}: expected a local folder with config.json and weights, or a hub model "
-            f"name ({reason})"
-        ) from None
+        raise model_load_error(path, error) from None
     return loaded.to(device).eval(), tokenizer
 
 
