@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -486,12 +487,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="python -m delia.build_cache", description=__doc__.splitlines()[0])
-    )
-    run(parser.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """`delia build-cache` / `python -m delia.build_cache`: bad input is one clear line and exit status 2."""
+    parser = add_arguments(argparse.ArgumentParser(prog="delia build-cache", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, ConnectionError) as error:
+        print(f"delia build-cache: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,32 +1,46 @@
-"""The `delia` command: subcommands map to plain functions of the package.
+"""The `delia` command: each subcommand is a plain function of the package that takes its own arguments.
 
-delia build-cache MODEL QUERIES OUTPUT [options]     self-sample the diverse cache (see delia.build_cache)
+delia demo [--model M] [--output DIR] [--ratio R] [--seed S]   the whole method on bundled data (delia.demo)
+delia train --config recipe.yaml | [options]                   train with DSFTTrainer (delia.train)
+delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the diverse cache (delia.build_cache)
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Callable
 
-from .build_cache import add_arguments as add_build_cache_arguments
-from .build_cache import run as run_build_cache
+
+def _demo(argv: list[str]) -> int:
+    from .demo import main
+
+    return main(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+def _build_cache(argv: list[str]) -> int:
+    from .build_cache import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo, "train": _train, "build-cache": _build_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="delia", description="DELIA: diversity-enhanced instruction tuning")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_build_cache_arguments(
-        commands.add_parser("build-cache", help="self-sample diverse responses from the base model")
-    ).set_defaults(handler=run_build_cache)
-    args = parser.parse_args(argv)
-    handler = args.handler
-    del args.handler
-    try:
-        handler(args)
-    except (ValueError, OSError, ConnectionError) as error:  # bad input: one clear line, no traceback
-        print(f"delia {args.command}: error: {error}", file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"delia: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return 0
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

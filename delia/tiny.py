@@ -6,6 +6,7 @@ templates (a Llama-2-style one without `{% generation %}` markers and a ChatML o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -63,9 +64,9 @@ CHAT_TEMPLATES = {"llama2": LLAMA2_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
 
 def build_tiny_tokenizer(
-    chat_template: Literal["llama2", "chatml"] = "llama2", vocab_size: int = 384
+    chat_template: Literal["llama2", "chatml"] = "llama2", vocab_size: int = 384, texts: Iterable[str] | None = None
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `TRAINING_TEXT`; it has no pad token, like Llama-2's."""
+    """Train a byte-level BPE tokenizer on `texts` (default `TRAINING_TEXT`); no pad token, like Llama-2's."""
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -75,7 +76,7 @@ def build_tiny_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(TRAINING_TEXT.splitlines(), trainer=trainer)
+    backend.train_from_iterator(TRAINING_TEXT.splitlines() if texts is None else texts, trainer=trainer)
     eos = "</s>" if chat_template == "llama2" else "<|im_end|>"
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,

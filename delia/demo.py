@@ -1,0 +1,179 @@
+"""`delia demo`: the whole method on bundled data, offline, on CPU, in a couple of minutes.
+
+1. Build a tiny Llama-architecture model and a BPE tokenizer trained on the bundled text (or load `--model`).
+2. Self-sample a diverse cache: the model answers the bundled general queries (`build_cache`, reference template).
+3. Train with `DSFTTrainer` on the bundled `<sep>` hallucination-judgement rows mixed with the cache at `--ratio`,
+   with `<sep>` added as a new token, evaluating on the bundled eval rows.
+4. Write the run folder: the diverse cache, `delia_mixture.json`, `log_history.json`, `loss.png` (per-source and eval
+   loss against step), `summary.json`; print a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from importlib.resources import files
+from typing import Any
+
+from .build_cache import build_cache
+from .config import check_diverse_ratio
+from .train import start_run_folder
+from .trainer import DSFTTrainer
+from .utils import get_training_arguments, setup_tokenizer_and_model
+
+DEMO_DATA = files("delia") / "demo_data"
+
+
+def demo_file(name: str) -> str:
+    """Path of a bundled demo file: downstream.jsonl, eval.jsonl or queries.jsonl."""
+    return str(DEMO_DATA / name)
+
+
+def build_demo_model(folder: str, seed: int) -> str:
+    """A tiny Llama model and a tokenizer trained on the bundled text, saved to `folder`."""
+    from .tiny import build_tiny_model, build_tiny_tokenizer
+
+    texts = []
+    for name in ("downstream.jsonl", "eval.jsonl", "queries.jsonl"):
+        with open(demo_file(name), encoding="utf-8") as handle:
+            texts += [message["content"] for line in handle for message in json.loads(line)["messages"]]
+    tokenizer = build_tiny_tokenizer("llama2", vocab_size=1024, texts=texts)
+    model = build_tiny_model(tokenizer, tie_word_embeddings=False, hidden_size=96, num_hidden_layers=2, seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: str) -> None:
+    """loss_downstream, loss_diverse and eval loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label, style in (
+        ("loss_downstream", "downstream (train)", "-"),
+        ("loss_diverse", "diverse (train)", "-"),
+        ("eval_loss", "eval (downstream)", "o-"),
+    ):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axes.plot(*zip(*points, strict=True), style, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean NLL per token")
+    axes.set_title("DELIA: loss per source")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _first_last(log_history: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    values = [entry[key] for entry in log_history if key in entry]
+    return (values[0], values[-1]) if values else (math.nan, math.nan)
+
+
+def run_demo(
+    output: str = "runs/demo", model: str | None = None, ratio: float = 4.0, seed: int = 0, steps: int = 80
+) -> dict:
+    """Run the demo into `output`; return the summary."""
+    ratio = check_diverse_ratio(ratio)
+    started = time.perf_counter()
+    start_run_folder(output)
+    model_path = model or build_demo_model(os.path.join(output, "tiny-model"), seed)
+    cache = os.path.join(output, "diverse_cache.jsonl")
+    build_cache(
+        model_path,
+        demo_file("queries.jsonl"),
+        cache,
+        max_new_tokens=48,
+        batch_size=32,
+        seed=seed,
+        resume=False,
+        overwrite=True,
+        keep_degenerate=False,
+        progress=False,
+    )
+    tokenizer, loaded = setup_tokenizer_and_model(model_path, quantization=None if model is None else "auto")
+    args = get_training_arguments(
+        output_dir=output,
+        num_train_epochs=1,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_seq_length=512,
+        max_steps=steps,
+        warmup_steps=5,
+        eval_steps=0.125,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        diverse_seed=seed,
+    )
+    trainer = DSFTTrainer(
+        model=loaded,
+        args=args,
+        train_dataset=demo_file("downstream.jsonl"),
+        eval_dataset=demo_file("eval.jsonl"),
+        diverse_dataset=cache,
+        diverse_ratio=ratio,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    history = trainer.state.log_history
+    with open(os.path.join(output, "log_history.json"), "w", encoding="utf-8") as handle:
+        json.dump(history, handle, indent=2)
+    plot_losses(history, os.path.join(output, "loss.png"))
+    summary = {
+        "rows": {source: stats["rows"] for source, stats in trainer.mixture["sources"].items()},
+        "steps": trainer.state.global_step,
+        "loss_downstream": _first_last(history, "loss_downstream"),
+        "loss_diverse": _first_last(history, "loss_diverse"),
+        "eval_loss": _first_last(history, "eval_loss"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "output": output,
+    }
+    with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    rows = summary["rows"]
+    print(
+        f"\nDELIA demo: {rows.get('downstream', 0)} downstream + {rows.get('diverse', 0)} diverse rows, "
+        f"{summary['steps']} steps, {summary['seconds']} s"
+    )
+    print(f"{'':18}{'first':>10}{'last':>10}")
+    for key in ("loss_downstream", "loss_diverse", "eval_loss"):
+        first, last = summary[key]
+        print(f"{key:18}{first:>10.4f}{last:>10.4f}")
+    print(f"run folder: {summary['output']} (loss.png, log_history.json, delia_mixture.json, diverse_cache.jsonl)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="delia demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a model folder or hub name instead of the tiny local one")
+    parser.add_argument("--output", default="runs/demo", help="run folder (created; an existing delia run is reused)")
+    parser.add_argument("--ratio", type=float, default=4.0, help="diverse rows per downstream row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    options = parser.parse_args(argv)
+    try:
+        summary = run_demo(options.output, options.model, options.ratio, options.seed, options.steps)
+    except (ValueError, OSError) as error:
+        print(f"delia demo: error: {error}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""`delia train`: the command-line counterpart of a DELIA training script.
+
+Every `DSFTConfig` (so every `SFTConfig` / `TrainingArguments`) field is an option, next to the model options below;
+`--config recipe.yaml` fills them from a YAML file and command-line options win (TRL's `TrlParser`). Works under
+`accelerate launch -m delia.train ...` (or `accelerate launch $(which delia) train ...`).
+
+    delia train --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_dataset train.jsonl \
+        --diverse_dataset cache.jsonl --diverse_ratio 100 --output_dir runs/qwen
+    delia train --config reproduce_checkpoint/recipe.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+from .config import DSFTConfig
+from .trainer import MIXTURE_FILE, DSFTTrainer
+from .utils import get_peft_config, setup_tokenizer_and_model
+
+
+@dataclass
+class ModelArguments:
+    """What to train and how the model is set up (training settings are DSFTConfig's)."""
+
+    model_name_or_path: str = field(metadata={"help": "model folder or hub name"})
+    train_dataset: str = field(metadata={"help": "downstream rows: JSONL path, saved dataset folder or hub name"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "eval rows, same forms"})
+    quantization: str = field(default="auto", metadata={"help": "auto (8-bit on CUDA), 4bit, 8bit or none"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
+    torch_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 trains the whole model"})
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    new_tokens: list[str] = field(default_factory=lambda: ["<sep>"], metadata={"help": "special tokens to add"})
+    new_token_init: str = field(default="mean", metadata={"help": "mean or random"})
+
+
+RUN_MARKER = ".delia-run"
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse a folder that holds something other than a delia run, so nothing unrelated is overwritten."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"output folder {output_dir!r} is a file")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not any(os.path.exists(os.path.join(output_dir, name)) for name in (RUN_MARKER, MIXTURE_FILE)):
+            raise FileExistsError(
+                f"output folder {output_dir!r} exists and is not a delia run; choose another folder (nothing was "
+                "written)"
+            )
+
+
+def start_run_folder(output_dir: str) -> None:
+    """Check the folder, create it and mark it as a delia run, so a rerun after a crash may reuse it."""
+    check_output_dir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    open(os.path.join(output_dir, RUN_MARKER), "a").close()
+
+
+def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
+    """Set up the model, mix, train and save; returns the trainer."""
+    check_output_dir(args.output_dir)
+    for name in ("train_dataset", "eval_dataset"):
+        path = getattr(model_args, name)
+        if path and path.endswith((".json", ".jsonl")) and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name} {path!r} not found")
+    if args.diverse_dataset and args.diverse_dataset.endswith((".json", ".jsonl")):
+        if not os.path.exists(args.diverse_dataset):
+            raise FileNotFoundError(f"--diverse_dataset {args.diverse_dataset!r} not found")
+    start_run_folder(args.output_dir)
+    quantization = None if model_args.quantization == "none" else model_args.quantization
+    tokenizer, model = setup_tokenizer_and_model(
+        model_args.model_name_or_path,
+        quantization=quantization,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.torch_dtype,
+        new_tokens=tuple(model_args.new_tokens),
+        new_token_init=model_args.new_token_init,
+        trust_remote_code=args.trust_remote_code,
+    )
+    peft_config = None
+    if model_args.lora_r > 0:
+        peft_config = get_peft_config(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+        )
+    trainer = DSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=model_args.train_dataset,
+        eval_dataset=model_args.eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
+    try:
+        model_args, args = parser.parse_args_and_config(argv)
+        train(model_args, args)
+    except (ValueError, OSError) as error:  # bad input: one clear line, nothing overwritten
+        print(f"delia train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
