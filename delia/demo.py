@@ -19,6 +19,8 @@ import time
 from importlib.resources import files
 from typing import Any
 
+from transformers import PrinterCallback
+
 from .build_cache import build_cache
 from .config import check_diverse_ratio
 from .train import start_run_folder
@@ -126,6 +128,7 @@ def run_demo(
         diverse_ratio=ratio,
         processing_class=tokenizer,
     )
+    trainer.remove_callback(PrinterCallback)  # the table below says it more briefly than one dict per step
     trainer.train()
     history = trainer.state.log_history
     with open(os.path.join(output, "log_history.json"), "w", encoding="utf-8") as handle:

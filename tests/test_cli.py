@@ -1,0 +1,73 @@
+"""The user's paths on the command line: `delia demo`, `delia train`, and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import diverse_rows, downstream_rows, write_jsonl
+
+from delia.cli import main
+from delia.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+def test_demo_writes_its_run_folder(tmp_path, capsys):
+    output = tmp_path / "demo"
+    assert main(["demo", "--output", str(output), "--steps", "12", "--ratio", "2"]) == 0
+    for name in ("loss.png", "log_history.json", "delia_mixture.json", "diverse_cache.jsonl", "summary.json"):
+        assert (output / name).exists(), name
+    assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["rows"]["downstream"] == 48 and summary["rows"]["diverse"] == 96
+    history = json.loads((output / "log_history.json").read_text())
+    assert any("loss_downstream" in entry for entry in history) and any("eval_loss" in entry for entry in history)
+    printed = capsys.readouterr().out
+    assert "loss_downstream" in printed and "eval_loss" in printed and str(output) in printed
+    assert main(["demo", "--output", str(output), "--steps", "2"]) == 0  # a delia run folder may be reused
+
+
+def test_demo_and_train_refuse_bad_input(tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"not ours")
+    assert main(["demo", "--output", str(foreign)]) == 2
+    assert "not a delia run" in capsys.readouterr().err
+    assert (foreign / "cat.jpg").read_bytes() == b"not ours" and sorted(p.name for p in foreign.iterdir()) == [
+        "cat.jpg"
+    ]
+    with pytest.raises(SystemExit) as error:
+        main(["demo", "--ratio", "lots"])
+    assert error.value.code == 2 and "lots" in capsys.readouterr().err
+    assert main(["train", "--model_name_or_path", "m", "--train_dataset", "t.jsonl", "--no_such_option", "1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            "m",
+            "--train_dataset",
+            str(tmp_path / "gone.jsonl"),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2 and "gone.jsonl" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["nonsense"]) == 2
+
+
+def test_train_from_a_yaml_recipe_with_command_line_overrides(tmp_path):
+    tokenizer = build_tiny_tokenizer("llama2")
+    build_tiny_model(tokenizer, tie_word_embeddings=False).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(8))
+    cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(40))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {tmp_path / 'model'}\ntrain_dataset: {train}\ndiverse_dataset: {cache}\n"
+        f"diverse_ratio: 260\nlora_r: 4\nlora_alpha: 8\nper_device_train_batch_size: 4\nmax_steps: 2\n"
+        f"output_dir: {tmp_path / 'run'}\nreport_to: none\nsave_strategy: 'no'\ngradient_checkpointing: false\n"
+    )
+    assert main(["train", "--config", str(recipe), "--diverse_ratio", "2"]) == 0  # the command line wins
+    mixture = json.loads((tmp_path / "run" / "delia_mixture.json").read_text())
+    assert mixture["diverse_ratio"] == 2.0 and mixture["sources"]["diverse"]["rows"] == 16
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
