@@ -71,3 +71,26 @@ def test_train_from_a_yaml_recipe_with_command_line_overrides(tmp_path):
     mixture = json.loads((tmp_path / "run" / "delia_mixture.json").read_text())
     assert mixture["diverse_ratio"] == 2.0 and mixture["sources"]["diverse"]["rows"] == 16
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_subclass_example_trains_and_logs_its_metric(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "train_dsft.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "4", "--output", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "format adherence" in result.stdout
+    sys.path.insert(0, str(script.parent))
+    from train_dsft import follows_format
+
+    assert follows_format("{'thought': 'It invents a date.', 'hallucination': 'yes'}")
+    assert not follows_format("{'thought': 'x', 'hallucination': 'maybe'}")
+    assert not follows_format("__import__('os').system('true')")  # parsed as a literal, never run
+    assert not follows_format("{'thought': '" + "x" * 5000 + "', 'hallucination': 'no'}")
