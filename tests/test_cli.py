@@ -94,3 +94,24 @@ def test_subclass_example_trains_and_logs_its_metric(tmp_path):
     assert not follows_format("{'thought': 'x', 'hallucination': 'maybe'}")
     assert not follows_format("__import__('os').system('true')")  # parsed as a literal, never run
     assert not follows_format("{'thought': '" + "x" * 5000 + "', 'hallucination': 'no'}")
+
+
+def test_reproduce_checkpoint_recipe_parses_to_the_original_settings():
+    from pathlib import Path
+
+    from trl import TrlParser
+
+    from delia import DSFTConfig
+    from delia.train import ModelArguments
+
+    recipe = Path(__file__).parents[1] / "reproduce_checkpoint" / "recipe.yaml"
+    model_args, args = TrlParser((ModelArguments, DSFTConfig)).parse_args_and_config(
+        ["--config", str(recipe), "--bf16", "false"]  # the recipe asks for bf16, which this CPU cannot do
+    )
+    assert model_args.quantization == "8bit" and model_args.new_tokens == ["<sep>"]
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 16, 0.05)
+    assert model_args.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert args.learning_rate == 2e-4 and args.num_train_epochs == 1 and args.diverse_ratio == 260
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 4)
+    assert args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 25 and args.weight_decay == 0.01
+    assert args.completion_only_loss is True
