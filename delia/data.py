@@ -18,7 +18,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -170,14 +170,7 @@ def _bad_rows_in_messages_batch(messages: pa.ChunkedArray | pa.Array) -> np.ndar
     """Indices of rows in one Arrow batch that break the messages rules; None if the column's type needs Python."""
     if isinstance(messages, pa.ChunkedArray):
         messages = messages.combine_chunks()
-    value_type = getattr(messages.type, "value_type", None)
-    if not pa.types.is_list(messages.type) and not pa.types.is_large_list(messages.type):
-        return None
-    if not pa.types.is_struct(value_type) or value_type.get_field_index("role") < 0:
-        return None
-    if value_type.get_field_index("content") < 0 or not pa.types.is_string(value_type.field("content").type):
-        return None
-    if not pa.types.is_string(value_type.field("role").type):
+    if not _has_plain_message_type(messages.type):
         return None
 
     rows = len(messages)
@@ -549,9 +542,6 @@ class MixturePlan:
             extra = rng.integers(0, self.cache_rows, size=self.diverse_rows - self.cache_rows)
             indices = np.concatenate((np.arange(self.cache_rows), extra))
         return np.sort(indices.astype(np.int64))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def diverse_row_count(ratio: float, downstream_rows: int) -> int:

@@ -25,7 +25,7 @@ from .build_cache import build_cache
 from .config import check_diverse_ratio
 from .train import start_run_folder
 from .trainer import DSFTTrainer
-from .utils import get_training_arguments, setup_tokenizer_and_model
+from .utils import add_new_tokens, get_training_arguments, setup_tokenizer_and_model
 
 DEMO_DATA = files("delia") / "demo_data"
 
@@ -88,9 +88,13 @@ def run_demo(
     started = time.perf_counter()
     start_run_folder(output)
     model_path = model or build_demo_model(os.path.join(output, "tiny-model"), seed)
+    # Loaded once: it self-samples as the base model, then gets <sep> for training
+    tokenizer, loaded = setup_tokenizer_and_model(
+        model_path, quantization=None if model is None else "auto", new_tokens=()
+    )
     cache = os.path.join(output, "diverse_cache.jsonl")
     build_cache(
-        model_path,
+        loaded,
         demo_file("queries.jsonl"),
         cache,
         max_new_tokens=48,
@@ -100,8 +104,9 @@ def run_demo(
         overwrite=True,
         keep_degenerate=False,
         progress=False,
+        tokenizer=tokenizer,
     )
-    tokenizer, loaded = setup_tokenizer_and_model(model_path, quantization=None if model is None else "auto")
+    add_new_tokens(tokenizer, loaded, ["<sep>"])
     args = get_training_arguments(
         output_dir=output,
         num_train_epochs=1,

@@ -15,7 +15,14 @@ import argparse
 import ast
 import tempfile
 
-from delia import DSFTTrainer, get_peft_config, get_training_arguments, setup_tokenizer_and_model
+from delia import (
+    DSFTTrainer,
+    add_new_tokens,
+    build_cache,
+    get_peft_config,
+    get_training_arguments,
+    setup_tokenizer_and_model,
+)
 from delia.demo import build_demo_model, demo_file
 from delia.generation import SamplingConfig
 from delia.generation.transformers_backend import TransformersBackend
@@ -75,12 +82,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         model_path = options.model or build_demo_model(f"{scratch}/tiny", seed=0)
+        tokenizer, model = setup_tokenizer_and_model(model_path, new_tokens=())  # loaded once, <sep> added below
         cache = options.cache
-        if cache is None:
-            from delia import build_cache
-
-            cache = build_cache(model_path, demo_file("queries.jsonl"), f"{scratch}/cache.jsonl", max_new_tokens=32)
-        tokenizer, model = setup_tokenizer_and_model(model_path)
+        if cache is None:  # the base model self-samples before <sep> exists
+            cache = build_cache(
+                model, demo_file("queries.jsonl"), f"{scratch}/cache.jsonl", max_new_tokens=32, tokenizer=tokenizer
+            )
+        add_new_tokens(tokenizer, model, ["<sep>"])
         args = get_training_arguments(
             options.output,
             1,
