@@ -41,7 +41,7 @@ from .cache_writer import (
     shard_paths,
     write_json_atomically,
 )
-from .config import has_accelerator
+from .config import has_accelerator, leave_process_group
 from .data import DataFormatError, read_dataset, validate_conversations
 from .generation.base import Generation, SamplingConfig
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
+        leave_process_group()  # a clean exit under torchrun / accelerate launch
     except (ValueError, OSError, ConnectionError) as error:
         print(f"delia build-cache: error: {error}", file=sys.stderr)
         return 2

@@ -105,3 +105,13 @@ def has_accelerator() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
     return torch.cuda.is_available()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if a launcher started one, so every rank exits cleanly.
+
+    Left to interpreter exit, gloo's threads can be torn down mid-flight and abort a rank.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from .config import DSFTConfig
+from .config import DSFTConfig, leave_process_group
 from .trainer import MIXTURE_FILE, DSFTTrainer
 from .utils import get_peft_config, setup_tokenizer_and_model
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, args = parser.parse_args_and_config(argv)
         train(model_args, args)
+        leave_process_group()  # a clean exit under torchrun / accelerate launch
     except (ValueError, OSError) as error:  # bad input: one clear line, nothing overwritten
         print(f"delia train: error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import diverse_rows, downstream_rows  # noqa: E402
 
 from delia import DSFTConfig, DSFTTrainer, add_new_tokens  # noqa: E402
+from delia.config import leave_process_group  # noqa: E402
 from delia.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 
@@ -51,6 +52,7 @@ def main(output_dir: str) -> None:
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     record = {"order": order, "logs": logs, "world_size": trainer.args.world_size}
     Path(output_dir, f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
+    leave_process_group()  # as `delia train` does: no rank aborted by gloo teardown at exit
 
 
 if __name__ == "__main__":
