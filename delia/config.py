@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,10 +110,15 @@ def has_accelerator() -> bool:
 
 
 def leave_process_group() -> None:
-    """Destroy the default process group if a launcher started one, so every rank exits cleanly.
+    """Destroy the default process group, if a launcher started one, so that every rank exits cleanly.
 
-    Left to interpreter exit, gloo's threads can be torn down mid-flight and abort a rank.
+    Left to interpreter exit, a gloo worker thread still releasing a finished collective's tensors can abort
+    the rank; destroyed straight after a collective, the group's destructor (which holds the GIL) can wait
+    forever on that same thread (pytorch/pytorch#190489). So: free what still holds the group (DDP's reducer),
+    let the worker threads finish, then destroy it, as `Accelerator.end_training` does.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()
+    time.sleep(0.2)  # releases the GIL: gloo's threads finish destroying completed work
+    torch.distributed.destroy_process_group()

@@ -52,8 +52,8 @@ def main(output_dir: str) -> None:
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     record = {"order": order, "logs": logs, "world_size": trainer.args.world_size}
     Path(output_dir, f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
-    leave_process_group()  # as `delia train` does: no rank aborted by gloo teardown at exit
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process_group()  # as `delia train` does: no rank hangs or aborts at exit

@@ -182,7 +182,7 @@ def test_sigkill_at_any_point_then_restart_answers_every_query_once(tiny_model_d
     written_before = _count_lines(output)
     assert written_before >= kill_after_rows and written_before < 120  # killed mid-run
 
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert finished.returncode == 0, finished.stderr[-2000:]
     rows = rows_of(output)  # every line is valid JSON
     ids = [row["id"] for row in rows]
@@ -205,7 +205,7 @@ def test_two_processes_shard_and_merge_in_query_order(tiny_model_dir, tmp_path):
     command += ["--master_port", port, "-m", "delia.build_cache", str(tiny_model_dir), str(query_file), str(output)]
     command += ["--max-new-tokens", "4", "--batch-size", "4", "--keep-degenerate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [query_id(q["messages"][0]["content"]) for q in queries(17)]
     assert [row["id"] for row in rows_of(output)] == expected  # merged, in query order, each once

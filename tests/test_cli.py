@@ -115,3 +115,33 @@ def test_reproduce_checkpoint_recipe_parses_to_the_original_settings():
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 4)
     assert args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 25 and args.weight_decay == 0.01
     assert args.completion_only_loss is True
+
+
+def test_train_under_torchrun_with_two_processes(tmp_path):
+    """`delia train` with LoRA and a trainable <sep> under a launcher: DDP on gloo, both ranks exit cleanly."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    tokenizer = build_tiny_tokenizer("chatml")
+    build_tiny_model(tokenizer, tie_word_embeddings=False).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(8))
+    cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(40))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", port, "-m", "delia.train", "--model_name_or_path", str(tmp_path / "model")]
+    command += ["--train_dataset", str(train), "--diverse_dataset", str(cache), "--diverse_ratio", "3"]
+    command += ["--lora_r", "4", "--per_device_train_batch_size", "2", "--max_steps", "3", "--logging_steps", "1"]
+    command += ["--output_dir", str(tmp_path / "run"), "--report_to", "none", "--save_strategy", "no"]
+    command += ["--gradient_checkpointing", "false", "--use_cpu", "true", "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mixture = json.loads((tmp_path / "run" / "delia_mixture.json").read_text())
+    assert mixture["sources"]["diverse"]["rows"] == 24
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+    assert result.stdout.count("'loss_diverse'") == 3  # only the main process prints its logs, one per step

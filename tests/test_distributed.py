@@ -25,7 +25,7 @@ def test_two_processes_share_the_mixture_and_reduce_per_source_losses(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     command += ["--master_port", port]
     result = subprocess.run(
-        [*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+        [*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
