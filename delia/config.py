@@ -95,6 +95,8 @@ class DSFTConfig(SFTConfig):
             self.diverse_seed = self.seed
         if self.bf16 is None and not self.fp16 and not has_accelerator():
             self.bf16 = False  # TRL defaults to bf16, which fails on a CPU-only machine; train in float32 there
+        if self.dataloader_pin_memory and not has_accelerator():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch would warn on every dataloader
         if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
             # transformers 5 renamed the field; TRL still sets the old name's default, which would warn on every run
             self.activation_checkpointing = self.gradient_checkpointing

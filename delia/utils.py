@@ -357,7 +357,6 @@ def get_training_arguments(
         "gradient_checkpointing": True,
         "bf16": bf16,
         "fp16": cuda and not bf16,
-        "dataloader_pin_memory": cuda,
     }
     settings.update(overrides)
     return DSFTConfig(**settings)

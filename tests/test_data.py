@@ -599,6 +599,18 @@ def test_config_defaults_and_diverse_seed(tmp_path):
     assert config.diverse_ratio == 2.5 and config.diverse_sampling == "with_replacement"
 
 
+def test_config_is_sane_without_an_accelerator(tmp_path, monkeypatch):
+    """TRL's bf16 default and pinned memory assume a GPU: on a CPU-only machine both turn off; with one they stay."""
+    import delia.config
+
+    monkeypatch.setattr(delia.config, "has_accelerator", lambda: False)
+    config = DSFTConfig(output_dir=str(tmp_path), report_to="none")
+    assert config.bf16 is False and config.dataloader_pin_memory is False
+    monkeypatch.setattr(delia.config, "has_accelerator", lambda: True)
+    config = DSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+    assert config.dataloader_pin_memory is True
+
+
 def test_arrow_split_matches_the_row_by_row_split():
     """The vectorised messages -> prompt/completion split gives exactly what the plain Python split gives."""
     from delia.data import CONVERSATIONAL_FEATURES, _split_messages_batch, to_prompt_completion
