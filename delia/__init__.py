@@ -1,5 +1,15 @@
 """DELIA: Diversity-Enhanced Learning for Instruction Adaptation (arXiv 2408.10841) on TRL 1.x."""
 
+# ruff: noqa: E402  (the logger below must be set before the imports that pull in bitsandbytes)
+
+import logging
+
+# peft imports bitsandbytes, whose CPU backend warns on every import (on CPUs with AVX512-BF16) that an optional
+# 4-bit kernel package is missing, even when nothing is quantized. Quiet it unless the user set that logger's level.
+_bnb_cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _bnb_cpu_logger.level == logging.NOTSET:
+    _bnb_cpu_logger.setLevel(logging.ERROR)
+
 # Import the legacy module `delia.DSFTTrainer` first, so that binding the class below wins over the submodule of the
 # same name (Python sets a package attribute when a submodule is first imported).
 from . import DSFTTrainer as _legacy_trainer_module  # noqa: F401

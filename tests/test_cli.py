@@ -145,3 +145,13 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     assert mixture["sources"]["diverse"]["rows"] == 24
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
     assert result.stdout.count("'loss_diverse'") == 3  # only the main process prints its logs, one per step
+
+
+def test_delia_command_starts_quietly():
+    """`delia --help` in a fresh interpreter prints the usage and nothing on stderr (no third-party import noise)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "delia.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "delia build-cache" in result.stdout
+    assert result.stderr == "", result.stderr
