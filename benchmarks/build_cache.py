@@ -67,7 +67,7 @@ import transformers  # noqa: E402
 from delia.build_cache import build_cache  # noqa: E402
 from delia.generation import transformers_backend  # noqa: E402
 from delia.generation.prompts import PromptRenderer, build_conversation  # noqa: E402
-from delia.tiny import TRAINING_TEXT, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from delia.tiny import TRAINING_TEXT, build_tiny_tokenizer, save_tiny_model  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -241,10 +241,9 @@ names = list(CONFIGS)
 started = time.perf_counter()
 with tempfile.TemporaryDirectory(prefix="delia-build-cache-") as workdir:
     model_dir = os.path.join(workdir, "model")
-    model = build_tiny_model(tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    del model
+    save_tiny_model(
+        model_dir, tokenizer=tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed
+    )
     files = {"all": (os.path.join(workdir, "all.jsonl"), args.queries)}
     files["subset"] = (os.path.join(workdir, "subset.jsonl"), len(subset))
     files["warmup"] = (os.path.join(workdir, "warmup.jsonl"), 4)

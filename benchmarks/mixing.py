@@ -132,10 +132,10 @@ def child() -> None:
 
 
 def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
-    """The steps of delia.data._mix, timed one by one (same calls, same order)."""
+    """The steps of delia.data.build_mixture, timed one by one (same calls, same order)."""
     from datasets import concatenate_datasets
 
-    from delia.data import _read, plan_mixture, to_prompt_completion, validate_conversations
+    from delia.data import plan_mixture, read_dataset, to_prompt_completion, validate_conversations
 
     steps, last = {}, time.perf_counter()
 
@@ -144,18 +144,18 @@ def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
         now = time.perf_counter()
         steps[name], last = now - last, now
 
-    down, origin = _read(downstream_path, "downstream dataset", "train")
+    down, origin = read_dataset(downstream_path, "downstream dataset")
     down_format = validate_conversations(down, origin)
     parts = [to_prompt_completion(down, down_format, "downstream")]
     lap("downstream: read + validate + rewrite")
-    cache, origin = _read(cache_path, "diverse dataset", "train")
+    cache, origin = read_dataset(cache_path, "diverse dataset")
     lap("cache: read (JSON -> Arrow, or memory-map)")
     cache_format = validate_conversations(cache, origin)
     lap("cache: validate every row")
     plan = plan_mixture(len(down), len(cache), args.ratio, args.seed, "auto")
     indices = plan.draw()
     lap("plan + draw indices")
-    drawn = cache.select(indices)
+    drawn = cache.select(indices, keep_in_memory=True)
     lap("select drawn rows")
     parts.append(to_prompt_completion(drawn, cache_format, "diverse"))
     lap("rewrite drawn rows to prompt/completion")

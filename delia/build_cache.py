@@ -42,7 +42,7 @@ from .cache_writer import (
     write_json_atomically,
 )
 from .config import has_accelerator, leave_process_group
-from .data import DataFormatError, read_dataset, validate_conversations
+from .data import DataFormatError, _Origin, read_dataset, validate_conversations
 from .generation.base import Generation, SamplingConfig
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
 
@@ -55,7 +55,7 @@ class Query:
     query: str
     reference: str | None
     row: int
-    origin: Any  # names the file, for error messages
+    origin: _Origin  # names the file, for error messages
 
     @property
     def where(self) -> str:
@@ -78,13 +78,16 @@ def query_id(query: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _text(value: Any, where: str, field: str, required: bool) -> str | None:
+def _text(value: Any, origin: _Origin, row: int, field: str, required: bool) -> str | None:
+    """`value` if it is a non-empty string; None if it is empty and optional; else an error naming file and line."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
-            raise DataFormatError(f"{where}: field {field!r} is missing or empty; expected a non-empty string")
+            raise DataFormatError(
+                f"{origin.where(row)}: field {field!r} is missing or empty; expected a non-empty string"
+            )
         return None
     if not isinstance(value, str):
-        raise DataFormatError(f"{where}: field {field!r}: expected a string, got {type(value).__name__}")
+        raise DataFormatError(f"{origin.where(row)}: field {field!r}: expected a string, got {type(value).__name__}")
     return value
 
 
@@ -128,10 +131,9 @@ def load_queries(
         inputs = dataset[input_field] if input_field else [None] * len(queries)
         pairs = []
         for row, (query, reference, extra) in enumerate(zip(queries, references, inputs, strict=True)):
-            where = origin.where(row)
-            query = _text(query, where, query_field, required=True)
-            extra = _text(extra, where, input_field, required=False) if input_field else None
-            reference = _text(reference, where, reference_field, need_reference) if reference_field else None
+            query = _text(query, origin, row, query_field, required=True)
+            extra = _text(extra, origin, row, input_field, required=False) if input_field else None
+            reference = _text(reference, origin, row, reference_field, need_reference) if reference_field else None
             pairs.append((f"{query}\n\n{extra}" if extra else query, reference))
     if need_reference and query_field is not None and reference_field is None:
         raise DataFormatError(
@@ -170,7 +172,11 @@ def make_backend(
     if backend == "auto":
         if base_urls:
             backend = "openai"
-        elif torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
+        elif (
+            isinstance(model, (str, os.PathLike))  # a loaded model stays in-process with transformers
+            and torch.cuda.is_available()
+            and importlib.util.find_spec("vllm") is not None
+        ):
             backend = "vllm"
         else:
             backend = "transformers"
@@ -189,6 +195,7 @@ def make_backend(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             seed=seed,
+            **(backend_options or {}),
         )
     from .generation.transformers_backend import TransformersBackend, load_model_and_tokenizer
 
@@ -326,7 +333,10 @@ def build_cache(
     )[:limit]
     sharded = state.num_processes > 1
     target = shard_path(output, state.process_index, state.num_processes) if sharded else output
-    repaired = repair_tail(target)  # a partial line left by a kill is moved aside before anything is read
+    repaired = []
+    if state.is_main_process:  # a partial line left by a kill, in any file of any earlier run, is moved aside first
+        repaired = [saved for path in [output, *shard_paths(output)] if (saved := repair_tail(path))]
+    state.wait_for_everyone()
     already = done_ids([output, *shard_paths(output)])
     state.wait_for_everyone()  # every process has read the shards before any process appends to its own
     pending = [query for query in all_queries if query.id not in already]
@@ -401,8 +411,8 @@ def build_cache(
     totals = {key: sum(part[key] for part in per_process) for key in counts}
     state.wait_for_everyone()
     if state.is_main_process:
-        if sharded:
-            merge_shards(output, {query.id: index for index, query in enumerate(all_queries)})
+        # this run's shards, or an earlier run's left by a kill (the ids in them were skipped above): fold them in
+        merge_shards(output, {query.id: index for index, query in enumerate(all_queries)})
         totals.update(
             queries=len(all_queries),
             skipped_already_done=len(all_queries) - len(pending),
@@ -422,7 +432,7 @@ def build_cache(
                 "batch_size": batch_size,
                 "sort_by_length": sort_by_length,
                 "keep_degenerate": keep_degenerate,
-                "repaired_partial_line_saved_to": repaired,
+                "repaired_partial_lines_saved_to": repaired,
                 "counts": totals,
                 "versions": _versions(),
             },
@@ -491,12 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     """`delia build-cache` / `python -m delia.build_cache`: bad input is one clear line and exit status 2."""
     parser = add_arguments(argparse.ArgumentParser(prog="delia build-cache", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    try:
+    from .generation.openai_backend import ServerRequestError
+
+    try:  # bad input, a server that refuses the request, a backend that is not installed: one line, rows kept
         run(args)
-        leave_process_group()  # a clean exit under torchrun / accelerate launch
-    except (ValueError, OSError, ConnectionError) as error:
+    except (ValueError, OSError, ImportError, ServerRequestError) as error:
         print(f"delia build-cache: error: {error}", file=sys.stderr)
         return 2
+    leave_process_group()  # a clean exit under torchrun / accelerate launch
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -122,7 +123,8 @@ def shard_path(output: str, rank: int, world_size: int) -> str:
 
 def shard_paths(output: str) -> list[str]:
     """Every shard file next to `output`, from this run or an earlier one with another number of processes."""
-    return sorted(glob.glob(glob.escape(output) + ".shard-*-of-*"))
+    candidates = glob.glob(glob.escape(output) + ".shard-*-of-*")  # also matches a shard's `.partial` file
+    return sorted(path for path in candidates if re.fullmatch(r".*\.shard-\d+-of-\d+", path))
 
 
 def merge_shards(output: str, order: dict[str, int]) -> int:
@@ -135,12 +137,16 @@ def merge_shards(output: str, order: dict[str, int]) -> int:
     if not shards:
         return 0
     rows: dict[str, dict[str, Any]] = {}
+    rows_without_id: list[dict[str, Any]] = []  # not ours to deduplicate: kept, after the rest, in file order
     for path in [output, *shards]:
         if os.path.exists(path):
             repair_tail(path)
             for row in read_rows(path):
-                rows.setdefault(str(row.get("id")), row)
-    ordered = sorted(rows.values(), key=lambda row: order.get(str(row.get("id")), len(order)))
+                if row.get("id") is None:
+                    rows_without_id.append(row)
+                else:
+                    rows.setdefault(str(row["id"]), row)
+    ordered = sorted(rows.values(), key=lambda row: order.get(str(row["id"]), len(order))) + rows_without_id
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".merge-")
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered)

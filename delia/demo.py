@@ -25,7 +25,7 @@ from .build_cache import build_cache
 from .config import check_diverse_ratio
 from .train import start_run_folder
 from .trainer import DSFTTrainer
-from .utils import add_new_tokens, get_training_arguments, setup_tokenizer_and_model
+from .utils import add_new_tokens, get_peft_config, get_training_arguments, setup_tokenizer_and_model
 
 DEMO_DATA = files("delia") / "demo_data"
 
@@ -37,16 +37,16 @@ def demo_file(name: str) -> str:
 
 def build_demo_model(folder: str, seed: int) -> str:
     """A tiny Llama model and a tokenizer trained on the bundled text, saved to `folder`."""
-    from .tiny import build_tiny_model, build_tiny_tokenizer
+    from .tiny import build_tiny_tokenizer, save_tiny_model
 
     texts = []
     for name in ("downstream.jsonl", "eval.jsonl", "queries.jsonl"):
         with open(demo_file(name), encoding="utf-8") as handle:
             texts += [message["content"] for line in handle for message in json.loads(line)["messages"]]
     tokenizer = build_tiny_tokenizer("llama2", vocab_size=1024, texts=texts)
-    model = build_tiny_model(tokenizer, tie_word_embeddings=False, hidden_size=96, num_hidden_layers=2, seed=seed)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model(
+        folder, tokenizer=tokenizer, tie_word_embeddings=False, hidden_size=96, num_hidden_layers=2, seed=seed
+    )
     return folder
 
 
@@ -132,6 +132,7 @@ def run_demo(
         diverse_dataset=cache,
         diverse_ratio=ratio,
         processing_class=tokenizer,
+        peft_config=None if model is None else get_peft_config(),  # a real model (8-bit on CUDA) trains LoRA + <sep>
     )
     trainer.remove_callback(PrinterCallback)  # the table below says it more briefly than one dict per step
     trainer.train()

@@ -6,7 +6,9 @@ templates (a Llama-2-style one without `{% generation %}` markers and a ChatML o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -110,3 +112,17 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def save_tiny_model(
+    folder: str | os.PathLike,
+    chat_template: Literal["llama2", "chatml"] = "llama2",
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **model_options,
+) -> Path:
+    """Save a tiny model and its tokenizer (built for `chat_template` unless given) to `folder`, as from the hub."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer(chat_template)
+    build_tiny_model(tokenizer, **model_options).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

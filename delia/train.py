@@ -15,11 +15,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
+import yaml
 from trl import TrlParser
 
 from .config import DSFTConfig, leave_process_group
 from .trainer import MIXTURE_FILE, DSFTTrainer
-from .utils import get_peft_config, setup_tokenizer_and_model
+from .utils import _resolve_quantization, get_peft_config, setup_tokenizer_and_model
 
 
 @dataclass
@@ -62,18 +64,23 @@ def start_run_folder(output_dir: str) -> None:
     open(os.path.join(output_dir, RUN_MARKER), "a").close()
 
 
-def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
-    """Set up the model, mix, train and save; returns the trainer."""
+def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
+    """Check the options, load the model and mix the data: everything a bad input can fail, before any training."""
     check_output_dir(args.output_dir)
-    for name in ("train_dataset", "eval_dataset"):
-        path = getattr(model_args, name)
+    for option, path in (
+        ("--train_dataset", model_args.train_dataset),
+        ("--eval_dataset", model_args.eval_dataset),
+        ("--diverse_dataset", args.diverse_dataset),
+    ):
         if path and path.endswith((".json", ".jsonl")) and not os.path.exists(path):
-            raise FileNotFoundError(f"--{name} {path!r} not found")
-    if args.diverse_dataset and args.diverse_dataset.endswith((".json", ".jsonl")):
-        if not os.path.exists(args.diverse_dataset):
-            raise FileNotFoundError(f"--diverse_dataset {args.diverse_dataset!r} not found")
+            raise FileNotFoundError(f"{option} {path!r} not found")
+    quantization = _resolve_quantization(model_args.quantization, torch.cuda.is_available())
+    if model_args.lora_r == 0 and quantization is not None:
+        raise ValueError(
+            f"--lora_r 0 (full fine-tuning) cannot train a {quantization} model (--quantization "
+            f"{model_args.quantization}); pass --quantization none, or --lora_r > 0"
+        )
     start_run_folder(args.output_dir)
-    quantization = None if model_args.quantization == "none" else model_args.quantization
     tokenizer, model = setup_tokenizer_and_model(
         model_args.model_name_or_path,
         quantization=quantization,
@@ -91,7 +98,7 @@ def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
             lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules,
         )
-    trainer = DSFTTrainer(
+    return DSFTTrainer(
         model=model,
         args=args,
         train_dataset=model_args.train_dataset,
@@ -99,6 +106,11 @@ def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+
+
+def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
+    """Set up the model, mix, train and save; returns the trainer."""
+    trainer = build_trainer(model_args, args)
     trainer.train()
     trainer.save_model()
     return trainer
@@ -106,13 +118,16 @@ def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
 
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
-    try:
+    try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
         model_args, args = parser.parse_args_and_config(argv)
-        train(model_args, args)
-        leave_process_group()  # a clean exit under torchrun / accelerate launch
-    except (ValueError, OSError) as error:  # bad input: one clear line, nothing overwritten
+        trainer = build_trainer(model_args, args)
+    except (ValueError, OSError, yaml.YAMLError) as error:
         print(f"delia train: error: {error}", file=sys.stderr)
         return 2
+    trainer.train()
+    trainer.save_model()
+    del trainer
+    leave_process_group()  # a clean exit under torchrun / accelerate launch
     return 0
 
 

@@ -226,7 +226,10 @@ def parse_args(argv: Sequence[str] | None, files: Sequence[RemoteFile]) -> argpa
         help="fetch only these files (file name or repo path): " + ", ".join(entry.name for entry in files),
     )
     parser.add_argument("--force", action="store_true", help="download again even files that already verify")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.base_url.startswith(("https://", "http://", "file://")):
+        parser.error(f"--base-url {args.base_url!r}: expected an https://, http:// or file:// URL")
+    return args
 
 
 def main(argv: Sequence[str] | None = None, files: Sequence[RemoteFile] = FILES) -> int:

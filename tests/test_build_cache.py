@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from delia.cli import main as cli_main
 from delia.generation.base import SamplingConfig
 from delia.generation.prompts import PromptRenderer, build_conversation
 from delia.generation.transformers_backend import TransformersBackend
-from delia.tiny import build_tiny_model, build_tiny_tokenizer
+from delia.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
 
 SYSTEM = "Be brief."
 
@@ -34,11 +33,7 @@ def queries(count: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tiny_tokenizer("chatml")
-    build_tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "chatml")
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -162,6 +157,34 @@ def test_truncated_last_line_is_repaired_and_kept(tiny_model_dir, tmp_path):
     assert output.read_bytes() == complete + b"\n"
 
 
+def test_one_process_resumes_what_a_killed_two_process_run_left(tiny_model_dir, tmp_path):
+    """Shards from an earlier run (a partial last line in one) are repaired, skipped, and merged into the output."""
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(6))
+    output = tmp_path / "cache.jsonl"
+    options = {"max_new_tokens": 4, "keep_degenerate": True, "progress": False}
+    build_cache(tiny_model_dir, query_file, output, limit=2, **options)
+    first_two = rows_of(output)
+    output.unlink()
+    shard = tmp_path / "cache.jsonl.shard-00001-of-00002"  # rank 1 of 2 had answered two queries, then was killed
+    fragment = b'{"messages": [{"role": "user", "content": "Quest'
+    shard.write_bytes("".join(json.dumps(row) + "\n" for row in first_two).encode() + fragment)
+    build_cache(tiny_model_dir, query_file, output, **options)
+    rows = rows_of(output)
+    assert [row["id"] for row in rows] == [query_id(q["messages"][0]["content"]) for q in queries(6)]
+    assert rows[:2] == first_two  # the shard's rows were kept, not answered again
+    assert not shard.exists() and Path(f"{shard}.partial").read_bytes() == fragment + b"\n"
+
+
+def test_merging_keeps_rows_without_an_id(tmp_path):
+    from delia.cache_writer import merge_shards
+
+    output = tmp_path / "cache.jsonl"
+    write_jsonl(output, [{"id": "b", "n": 1}, {"n": 2}, {"n": 3}])
+    write_jsonl(tmp_path / "cache.jsonl.shard-00000-of-00001", [{"id": "a", "n": 4}, {"id": "b", "n": 5}])
+    assert merge_shards(str(output), {"a": 0, "b": 1}) == 4
+    assert [row["n"] for row in rows_of(output)] == [4, 1, 2, 3]
+
+
 def _count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -198,11 +221,8 @@ def test_sigkill_at_any_point_then_restart_answers_every_query_once(tiny_model_d
 def test_two_processes_shard_and_merge_in_query_order(tiny_model_dir, tmp_path):
     query_file = write_jsonl(tmp_path / "q.jsonl", queries(17))
     output = tmp_path / "cache.jsonl"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", port, "-m", "delia.build_cache", str(tiny_model_dir), str(query_file), str(output)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "delia.build_cache", str(tiny_model_dir), str(query_file), str(output)]
     command += ["--max-new-tokens", "4", "--batch-size", "4", "--keep-degenerate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
@@ -256,9 +276,7 @@ def test_a_row_the_chat_template_cannot_render_is_named(tmp_path):
         "{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('no such word') }}{% endif %}"
         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    model_dir = tmp_path / "model"
-    build_tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model", tokenizer=tokenizer)
     rows = [*queries(3), conversation("This one says FORBIDDEN.", "ok")]
     query_file = write_jsonl(tmp_path / "q.jsonl", rows)
     with pytest.raises(DataFormatError, match=r"q.jsonl, line 4: the chat template failed to render .*no such word"):
@@ -288,3 +306,18 @@ def test_sampled_batches_get_their_own_seeds_and_repeat_exactly(tiny_model_dir, 
     build_cache(tiny_model_dir, query_file, tmp_path / "b.jsonl", **options)
     assert seen == first_run  # the same batches get the same seeds on a rerun
     assert len({seed for _, seed in first_run}) == len(first_run) == 3  # and every batch its own
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()  # so the replies repeat
+    build_cache(tiny_model_dir, query_file, tmp_path / "c.jsonl", **{**options, "seed": 1})
+    assert (tmp_path / "c.jsonl").read_bytes() != (tmp_path / "a.jsonl").read_bytes()  # and another seed differs
+
+
+def test_generation_leaves_the_callers_rng_and_training_mode_alone():
+    """Probing a model mid-training (as examples/train_dsft.py does) must not reseed the run or leave dropout off."""
+    tokenizer = build_tiny_tokenizer("chatml")
+    model = build_tiny_model(tokenizer).train()
+    backend = TransformersBackend(model, tokenizer, batch_size=2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    backend.generate([[{"role": "user", "content": "Hi"}]], SamplingConfig(max_new_tokens=3, temperature=0.7))
+    assert torch.equal(torch.rand(3), expected) and model.training

@@ -8,7 +8,7 @@ import pytest
 from conftest import diverse_rows, downstream_rows, write_jsonl
 
 from delia.cli import main
-from delia.tiny import build_tiny_model, build_tiny_tokenizer
+from delia.tiny import save_tiny_model
 
 
 def test_demo_writes_its_run_folder(tmp_path, capsys):
@@ -52,13 +52,19 @@ def test_demo_and_train_refuse_bad_input(tmp_path, capsys):
         ]
     )
     assert code == 2 and "gone.jsonl" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model_name_or_path: m\ntrain_dataset: [t.jsonl\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    assert "broken.yaml" in capsys.readouterr().err  # YAML's own line and column, not a traceback
+    full_fine_tuning_8bit = ["--lora_r", "0", "--quantization", "8bit", "--output_dir", str(tmp_path / "run")]
+    assert main(["train", "--model_name_or_path", "m", "--train_dataset", "t", *full_fine_tuning_8bit]) == 2
+    assert "--lora_r 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert main(["nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
 
 
 def test_train_from_a_yaml_recipe_with_command_line_overrides(tmp_path):
-    tokenizer = build_tiny_tokenizer("llama2")
-    build_tiny_model(tokenizer, tie_word_embeddings=False).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "llama2", tie_word_embeddings=False)
     train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(8))
     cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(40))
     recipe = tmp_path / "recipe.yaml"
@@ -120,20 +126,14 @@ def test_reproduce_checkpoint_recipe_parses_to_the_original_settings():
 def test_train_under_torchrun_with_two_processes(tmp_path):
     """`delia train` with LoRA and a trainable <sep> under a launcher: DDP on gloo, both ranks exit cleanly."""
     import os
-    import socket
     import subprocess
     import sys
 
-    tokenizer = build_tiny_tokenizer("chatml")
-    build_tiny_model(tokenizer, tie_word_embeddings=False).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "chatml", tie_word_embeddings=False)
     train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(8))
     cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(40))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", port, "-m", "delia.train", "--model_name_or_path", str(tmp_path / "model")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "delia.train", "--model_name_or_path", str(tmp_path / "model")]
     command += ["--train_dataset", str(train), "--diverse_dataset", str(cache), "--diverse_ratio", "3"]
     command += ["--lora_r", "4", "--per_device_train_batch_size", "2", "--max_steps", "3", "--logging_steps", "1"]
     command += ["--output_dir", str(tmp_path / "run"), "--report_to", "none", "--save_strategy", "no"]

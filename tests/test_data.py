@@ -613,7 +613,12 @@ def test_config_is_sane_without_an_accelerator(tmp_path, monkeypatch):
 
 def test_arrow_split_matches_the_row_by_row_split():
     """The vectorised messages -> prompt/completion split gives exactly what the plain Python split gives."""
-    from delia.data import CONVERSATIONAL_FEATURES, _split_messages_batch, to_prompt_completion
+    from delia.data import (
+        CONVERSATIONAL_FEATURES,
+        _has_plain_message_type,
+        _split_messages_batch,
+        to_prompt_completion,
+    )
 
     rows = [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -635,6 +640,7 @@ def test_arrow_split_matches_the_row_by_row_split():
         },
     ]
     dataset = Dataset.from_list(rows * 5).select([14, 3, 7, 0, 1])  # an index mapping, as after a draw
+    assert _has_plain_message_type(dataset.data.schema.field("messages").type)  # so the fast path runs
     fast = to_prompt_completion(dataset, "messages", "diverse")
     slow = _split_messages_batch(dataset[:], "diverse")
     assert fast.to_dict() == slow

@@ -331,3 +331,10 @@ def test_unreachable_server_is_reported_after_retries(tmp_path, dest, table, cap
     err = capsys.readouterr().err
     assert f"error: could not download {missing}/{TRAIN} after 3 attempts" in err
     assert list(dest.iterdir()) == []
+
+
+def test_a_base_url_that_is_not_a_url_is_refused(dest, table, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fetch_original.main(["--dest", str(dest), "--base-url", "nonsense"], files=table)
+    assert exit_info.value.code == 2 and "--base-url 'nonsense': expected an https://" in capsys.readouterr().err
+    assert not dest.exists() or list(dest.iterdir()) == []

@@ -17,7 +17,7 @@ import pytest
 
 from delia.generation.base import Generation, SamplingConfig
 from delia.generation.openai_backend import OpenAIBackend, ServerRequestError, ServerUnreachableError
-from delia.tiny import build_tiny_model, build_tiny_tokenizer
+from delia.tiny import save_tiny_model
 
 SAMPLING = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.95, seed=3)
 
@@ -51,10 +51,7 @@ def transformers_server(tmp_path):
     """Serve the tiny ChatML model with `transformers serve`; yields (base_url, model name, startup seconds)."""
     for module in ("fastapi", "uvicorn", "openai"):  # what `pip install "transformers[serving]"` brings
         pytest.importorskip(module)
-    tokenizer = build_tiny_tokenizer("chatml")
-    model_dir = tmp_path / "tiny-chatml"
-    tokenizer.save_pretrained(model_dir)
-    build_tiny_model(tokenizer).save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny-chatml", "chatml")
 
     port = free_port()
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir)]

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from delia import DSFTTrainer, add_new_tokens, get_peft_config, get_training_arguments, setup_tokenizer_and_model
+from delia.tiny import save_tiny_model
 from delia.utils import NEW_TOKEN_IDS_ATTRIBUTE
 
 
@@ -145,12 +146,8 @@ def test_lora_trains_only_the_new_token_rows(make_tokenizer, make_model, make_co
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_adapter_with_new_token_saves_and_reloads_to_identical_logits(
-    make_tokenizer, make_model, make_config, tmp_path, tied
-):
-    tokenizer = make_tokenizer("llama2")
-    make_model(tokenizer, tied=tied).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+def test_adapter_with_new_token_saves_and_reloads_to_identical_logits(make_config, tmp_path, tied):
+    save_tiny_model(tmp_path / "base", "llama2", tie_word_embeddings=tied)
     tokenizer, model = setup_tokenizer_and_model(tmp_path / "base")
     trainer = lora_dsft(model, tokenizer, make_config(learning_rate=5e-2, max_steps=3))
     trainer.train()
@@ -178,11 +175,9 @@ def test_adapter_with_new_token_saves_and_reloads_to_identical_logits(
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_quantized_load_and_lora_step_on_cpu(make_tokenizer, make_model, make_config, tmp_path, quantization):
+def test_quantized_load_and_lora_step_on_cpu(make_config, tmp_path, quantization):
     pytest.importorskip("bitsandbytes")
-    tokenizer = make_tokenizer("llama2")
-    make_model(tokenizer, tied=False).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+    save_tiny_model(tmp_path / "base", "llama2", tie_word_embeddings=False)
     tokenizer, model = setup_tokenizer_and_model(tmp_path / "base", quantization=quantization)
     assert getattr(model, f"is_loaded_in_{quantization}")
     layer = type(model.model.layers[0].self_attn.q_proj).__name__
@@ -197,10 +192,8 @@ def test_quantized_load_and_lora_step_on_cpu(make_tokenizer, make_model, make_co
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_qlora_step_on_cuda_in_bf16(make_tokenizer, make_model, make_config, tmp_path, quantization):
-    tokenizer = make_tokenizer("llama2")
-    make_model(tokenizer, tied=False).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+def test_qlora_step_on_cuda_in_bf16(make_config, tmp_path, quantization):
+    save_tiny_model(tmp_path / "base", "llama2", tie_word_embeddings=False)
     tokenizer, model = setup_tokenizer_and_model(tmp_path / "base", quantization=quantization, dtype="bfloat16")
     assert model.device.type == "cuda"
     trainer = lora_dsft(model, tokenizer, make_config(learning_rate=5e-2, max_steps=2, bf16=True))
@@ -231,12 +224,10 @@ def test_training_arguments_follow_the_original_recipe(tmp_path):
     )
 
 
-def test_original_readme_script_end_to_end(make_tokenizer, make_model, tmp_path):
+def test_original_readme_script_end_to_end(make_tokenizer, tmp_path):
     """The original README's recipe, on a tiny local model: same names, same arguments (minus the removed TRL
     collator, which completion-only loss now replaces)."""
-    tokenizer = make_tokenizer("llama2")
-    make_model(tokenizer, tied=False).save_pretrained(tmp_path / "llama2")
-    tokenizer.save_pretrained(tmp_path / "llama2")
+    save_tiny_model(tmp_path / "llama2", "llama2", tie_word_embeddings=False)
     train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(8), trailing_newline=False)
     evaluation = write_jsonl(tmp_path / "eval.jsonl", downstream_rows(4), trailing_newline=False)
     cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(40))

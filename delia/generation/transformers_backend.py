@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..utils import model_load_error
+from ..utils import _resolve_dtype, model_load_error
 from .base import Conversation, Generation, SamplingConfig
 from .prompts import PromptRenderer, PromptRenderError
 
@@ -20,13 +20,10 @@ from .prompts import PromptRenderer, PromptRenderError
 def load_model_and_tokenizer(
     model: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None
 ) -> tuple[Any, Any]:
-    """Load a causal LM for generation: bf16 on a bf16-capable GPU, float32 on CPU."""
+    """Load a causal LM for generation: bf16 (fp16 where unsupported) on a GPU, float32 on CPU."""
     path = os.fspath(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = _resolve_dtype(dtype, cuda=device.startswith("cuda"))  # "cuda:1" under a launcher too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -56,10 +53,16 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+        """One reply per conversation, in order; the model is in eval mode meanwhile (no dropout), then as it was."""
         ids = self.prompt_ids(conversations)
         replies: list[Generation] = []
-        for start in range(0, len(ids), self.batch_size):
-            replies += self._generate_batch(ids[start : start + self.batch_size], sampling, start)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(ids), self.batch_size):
+                replies += self._generate_batch(ids[start : start + self.batch_size], sampling, start)
+        finally:
+            self.model.train(was_training)
         return replies
 
     def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig, offset: int) -> list[Generation]:
@@ -67,7 +70,6 @@ class TransformersBackend:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in batch], device=self.model.device)
         attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch])
-        torch.manual_seed(sampling.seed + offset)
         options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad}
         if sampling.min_new_tokens:
             options["min_new_tokens"] = sampling.min_new_tokens
@@ -75,9 +77,10 @@ class TransformersBackend:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             options.update(do_sample=False, temperature=None, top_p=None)
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask.to(self.model.device), **options
-        )
+        device = self.model.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG is untouched
+            torch.manual_seed(sampling.seed + offset)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask.to(device), **options)
         replies = []
         for row in output[:, width:].tolist():
             stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)

@@ -47,13 +47,16 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         prompts = [self.renderer.render(messages, index) for index, messages in enumerate(conversations)]
-        params = SamplingParams(
-            max_tokens=sampling.max_new_tokens,
-            min_tokens=sampling.min_new_tokens or 0,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-        )
+        params = [  # one seed per request (as the openai backend does): a shared seed would correlate the samples
+            SamplingParams(
+                max_tokens=sampling.max_new_tokens,
+                min_tokens=sampling.min_new_tokens or 0,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed + index,
+            )
+            for index in range(len(prompts))
+        ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
             Generation(out.outputs[0].text, len(out.outputs[0].token_ids), out.outputs[0].finish_reason or "stop")
