@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -41,10 +40,10 @@ from .cache_writer import (
     shard_paths,
     write_json_atomically,
 )
-from .config import has_accelerator, leave_process_group
 from .data import DataFormatError, _Origin, read_dataset, validate_conversations
 from .generation.base import Generation, SamplingConfig
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
+from .runtime import leave_process_group, process_state
 
 BACKENDS = ("auto", "transformers", "vllm", "openai")
 
@@ -61,11 +60,6 @@ class Query:
     def where(self) -> str:
         """File and line (or dataset and row), looked up only when an error needs it."""
         return self.origin.where(self.row)
-
-
-def process_state() -> PartialState:
-    """This process's place in an `accelerate launch` / torchrun job (CPU-only jobs need `cpu=True` to see it)."""
-    return PartialState(cpu=not has_accelerator())
 
 
 def query_id(query: str) -> str:

@@ -22,10 +22,11 @@ from typing import Any
 from transformers import PrinterCallback
 
 from .build_cache import build_cache
-from .config import check_diverse_ratio
-from .train import start_run_folder
+from .config import check_diverse_ratio, get_training_arguments
+from .lora import get_peft_config
+from .modeling import add_new_tokens, setup_tokenizer_and_model
+from .runtime import start_run_folder
 from .trainer import DSFTTrainer
-from .utils import add_new_tokens, get_peft_config, get_training_arguments, setup_tokenizer_and_model
 
 DEMO_DATA = files("delia") / "demo_data"
 

@@ -19,9 +19,11 @@ import torch
 import yaml
 from trl import TrlParser
 
-from .config import DSFTConfig, leave_process_group
-from .trainer import MIXTURE_FILE, DSFTTrainer
-from .utils import _resolve_quantization, get_peft_config, setup_tokenizer_and_model
+from .config import DSFTConfig
+from .lora import get_peft_config
+from .modeling import resolve_quantization, setup_tokenizer_and_model
+from .runtime import check_output_dir, leave_process_group, start_run_folder
+from .trainer import DSFTTrainer
 
 
 @dataclass
@@ -42,28 +44,6 @@ class ModelArguments:
     new_token_init: str = field(default="mean", metadata={"help": "mean or random"})
 
 
-RUN_MARKER = ".delia-run"
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Refuse a folder that holds something other than a delia run, so nothing unrelated is overwritten."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise FileExistsError(f"output folder {output_dir!r} is a file")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not any(os.path.exists(os.path.join(output_dir, name)) for name in (RUN_MARKER, MIXTURE_FILE)):
-            raise FileExistsError(
-                f"output folder {output_dir!r} exists and is not a delia run; choose another folder (nothing was "
-                "written)"
-            )
-
-
-def start_run_folder(output_dir: str) -> None:
-    """Check the folder, create it and mark it as a delia run, so a rerun after a crash may reuse it."""
-    check_output_dir(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    open(os.path.join(output_dir, RUN_MARKER), "a").close()
-
-
 def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     """Check the options, load the model and mix the data: everything a bad input can fail, before any training."""
     check_output_dir(args.output_dir)
@@ -74,7 +54,7 @@ def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     ):
         if path and path.endswith((".json", ".jsonl")) and not os.path.exists(path):
             raise FileNotFoundError(f"{option} {path!r} not found")
-    quantization = _resolve_quantization(model_args.quantization, torch.cuda.is_available())
+    quantization = resolve_quantization(model_args.quantization, torch.cuda.is_available())
     if model_args.lora_r == 0 and quantization is not None:
         raise ValueError(
             f"--lora_r 0 (full fine-tuning) cannot train a {quantization} model (--quantization "

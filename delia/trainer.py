@@ -29,11 +29,10 @@ from trl.trainer.utils import get_config_model_id
 from .cache_writer import write_json_atomically
 from .config import DSFTConfig, check_diverse_ratio
 from .data import SOURCES, MixturePlan, build_mixture, read_conversations, to_prompt_completion
-from .utils import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
+from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
+from .runtime import MIXTURE_FILE
 
 logger = logging.getLogger(__name__)
-
-MIXTURE_FILE = "delia_mixture.json"
 
 
 @dataclass

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import diverse_rows, downstream_rows  # noqa: E402
 
 from delia import DSFTConfig, DSFTTrainer, add_new_tokens  # noqa: E402
-from delia.config import leave_process_group  # noqa: E402
+from delia.runtime import leave_process_group  # noqa: E402
 from delia.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 

@@ -10,9 +10,9 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..utils import _resolve_dtype, model_load_error
+from ..modeling import load_tokenizer_and_model
+from ..runtime import default_device
 from .base import Conversation, Generation, SamplingConfig
 from .prompts import PromptRenderer, PromptRenderError
 
@@ -20,16 +20,11 @@ from .prompts import PromptRenderer, PromptRenderError
 def load_model_and_tokenizer(
     model: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None
 ) -> tuple[Any, Any]:
-    """Load a causal LM for generation: bf16 (fp16 where unsupported) on a GPU, float32 on CPU."""
-    path = os.fspath(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _resolve_dtype(dtype, cuda=device.startswith("cuda"))  # "cuda:1" under a launcher too
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise model_load_error(path, error) from None
-    return loaded.to(device).eval(), tokenizer
+    """A causal LM for generation, in eval mode on `device`, through the one loader in `delia.modeling`."""
+    tokenizer, loaded = load_tokenizer_and_model(
+        model, dtype=dtype, trust_remote_code=trust_remote_code, device=device or default_device()
+    )
+    return loaded.eval(), tokenizer
 
 
 class TransformersBackend:

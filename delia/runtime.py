@@ -1,0 +1,68 @@
+"""Runtime helpers: which hardware this process has, its place in a launched job, clean exit, run folders."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import torch
+
+MIXTURE_FILE = "delia_mixture.json"
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def default_device() -> str:
+    """ "cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def process_state():
+    """This process's place in an `accelerate launch` / torchrun job (CPU-only jobs need `cpu=True` to see it)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not has_accelerator())
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if a launcher started one, so that every rank exits cleanly.
+
+    Left to interpreter exit, a gloo worker thread still releasing a finished collective's tensors can abort
+    the rank; destroyed straight after a collective, the group's destructor (which holds the GIL) can wait
+    forever on that same thread (pytorch/pytorch#190489). So: free what still holds the group (DDP's reducer),
+    let the worker threads finish, then destroy it, as `Accelerator.end_training` does.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()
+    time.sleep(0.2)  # releases the GIL: gloo's threads finish destroying completed work
+    torch.distributed.destroy_process_group()
+
+
+RUN_MARKER = ".delia-run"
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse a folder that holds something other than a delia run, so nothing unrelated is overwritten."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"output folder {output_dir!r} is a file")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not any(os.path.exists(os.path.join(output_dir, name)) for name in (RUN_MARKER, MIXTURE_FILE)):
+            raise FileExistsError(
+                f"output folder {output_dir!r} exists and is not a delia run; choose another folder (nothing was "
+                "written)"
+            )
+
+
+def start_run_folder(output_dir: str) -> None:
+    """Check the folder, create it and mark it as a delia run, so a rerun after a crash may reuse it."""
+    check_output_dir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    open(os.path.join(output_dir, RUN_MARKER), "a").close()
