@@ -7,7 +7,7 @@ message, some non-ASCII text) and a small downstream JSONL:
     load      delia.load_conversations(cache)                                  read + validate every row
     load+mix  delia.mix_datasets(downstream, cache, ratio=--ratio, seed=0)     the same, plus the downstream rows,
                                                                                the draw, the prompt/completion
-                                                                               rewrite of the drawn rows, the shuffle
+                                                                               split of the drawn rows, the interleave
 
 Each measurement runs in a fresh Python process (so peak RSS is that call's own, and no state carries over), timing
 only the call: after the imports, and after loading a separate 4-row JSONL. The first JSON load of a process ran a
@@ -132,10 +132,10 @@ def child() -> None:
 
 
 def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
-    """The steps of delia.data.build_mixture, timed one by one (same calls, same order)."""
-    from datasets import concatenate_datasets
+    """The steps of delia.data.prepare_datasets, timed one by one (same calls, same order)."""
+    from datasets import Features, Value, concatenate_datasets
 
-    from delia.data import plan_mixture, read_dataset, to_prompt_completion, validate_conversations
+    from delia.data import forms, plan_mixture, read_dataset, validate_conversations
 
     steps, last = {}, time.perf_counter()
 
@@ -144,23 +144,29 @@ def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
         now = time.perf_counter()
         steps[name], last = now - last, now
 
-    down, origin = read_dataset(downstream_path, "downstream dataset")
-    down_format = validate_conversations(down, origin)
-    parts = [to_prompt_completion(down, down_format, "downstream")]
-    lap("downstream: read + validate + rewrite")
+    down, down_origin = read_dataset(downstream_path, "train dataset")
+    forms.detect_form(down, "text", down_origin)
+    forms.check_ends_with_assistant(down, down_origin)
+    down = forms.split_final_reply(down)
+    lap("downstream: read + check + split")
     cache, origin = read_dataset(cache_path, "diverse dataset")
     lap("cache: read (JSON -> Arrow, or memory-map)")
-    cache_format = validate_conversations(cache, origin)
+    forms.detect_form(cache)
+    validate_conversations(cache, origin)
     lap("cache: validate every row")
     plan = plan_mixture(len(down), len(cache), args.ratio, args.seed, "auto")
     indices = plan.draw()
     lap("plan + draw indices")
-    drawn = cache.select(indices, keep_in_memory=True)
-    lap("select drawn rows")
-    parts.append(to_prompt_completion(drawn, cache_format, "diverse"))
-    lap("rewrite drawn rows to prompt/completion")
-    concatenate_datasets(parts).shuffle(seed=args.seed)
-    lap("concatenate + shuffle")
+    drawn = forms.split_final_reply(cache.select(indices))
+    lap("select drawn rows + split off the final replies")
+    features = Features({**down.features, "source": Value("string")})
+    parts = [
+        forms.conform(down, features, constants={"source": "downstream"}),
+        forms.conform(drawn, features, constants={"source": "diverse"}),
+    ]
+    lap("align columns + tag sources")
+    concatenate_datasets(parts).select(plan.order())
+    lap("concatenate + interleave")
     return steps
 
 

@@ -21,7 +21,7 @@ from .data import (
     load_conversations,
     mix_datasets,
     plan_mixture,
-    prepare_conversations,
+    prepare_datasets,
     validate_conversations,
 )
 from .trainer import DSFTTrainer, SourceTaggingCollator
@@ -47,7 +47,7 @@ __all__ = [
     "load_conversations",
     "mix_datasets",
     "plan_mixture",
-    "prepare_conversations",
+    "prepare_datasets",
     "setup_tokenizer_and_model",
     "validate_conversations",
 ]

@@ -40,7 +40,7 @@ from .cache_writer import (
     shard_paths,
     write_json_atomically,
 )
-from .data import DataFormatError, _Origin, read_dataset, validate_conversations
+from .data import DataFormatError, DatasetOrigin, read_dataset, validate_conversations
 from .generation.base import Generation, SamplingConfig
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
 from .runtime import leave_process_group, process_state
@@ -54,7 +54,7 @@ class Query:
     query: str
     reference: str | None
     row: int
-    origin: _Origin  # names the file, for error messages
+    origin: DatasetOrigin  # names the file, for error messages
 
     @property
     def where(self) -> str:
@@ -72,7 +72,7 @@ def query_id(query: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _text(value: Any, origin: _Origin, row: int, field: str, required: bool) -> str | None:
+def _text(value: Any, origin: DatasetOrigin, row: int, field: str, required: bool) -> str | None:
     """`value` if it is a non-empty string; None if it is empty and optional; else an error naming file and line."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:

@@ -59,6 +59,12 @@ class DSFTConfig(SFTConfig):
             Seed of the diverse draw and of the shuffle of the mixture. Defaults to `seed`. The same seed gives the
             same rows in the same order on every process and every run.
 
+        final_reply_only (`bool`, *optional*, defaults to `True`):
+            Conversational `messages` rows are split into prompt = every message but the last and completion = the
+            final assistant reply, so the loss falls on that reply alone whatever the chat template (DELIA's recipe;
+            works for templates without `{% generation %}` markers). This is the one way `DSFTTrainer` differs from
+            `SFTTrainer`; `False` passes conversations on unchanged. Ignored when `assistant_only_loss=True`.
+
         > Parameters that control logging
 
         log_loss_per_source (`bool`, *optional*, defaults to `True`):
@@ -83,16 +89,17 @@ class DSFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Seed of the diverse draw and the mixture shuffle. Defaults to `seed`."},
     )
+    final_reply_only: bool = field(
+        default=True,
+        metadata={"help": "Conversations: loss on the final assistant reply only (False: as SFTTrainer)."},
+    )
     log_loss_per_source: bool = field(
         default=True,
         metadata={"help": "Log loss_downstream / loss_diverse and their eval counterparts."},
     )
 
     def __post_init__(self):
-        self.diverse_ratio = check_diverse_ratio(self.diverse_ratio)
-        self.diverse_sampling = check_diverse_sampling(self.diverse_sampling)
-        if self.diverse_seed is None:
-            self.diverse_seed = self.seed
+        self.check_delia_fields()
         if self.bf16 is None and not self.fp16 and not has_accelerator():
             self.bf16 = False  # TRL defaults to bf16, which fails on a CPU-only machine; train in float32 there
         if self.dataloader_pin_memory and not has_accelerator():
@@ -101,6 +108,13 @@ class DSFTConfig(SFTConfig):
             # transformers 5 renamed the field; TRL still sets the old name's default, which would warn on every run
             self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
+
+    def check_delia_fields(self) -> None:
+        """Validate and normalise the DELIA fields: the one place their values are checked."""
+        self.diverse_ratio = check_diverse_ratio(self.diverse_ratio)
+        self.diverse_sampling = check_diverse_sampling(self.diverse_sampling)
+        if self.diverse_seed is None:
+            self.diverse_seed = self.seed
 
 
 def get_training_arguments(

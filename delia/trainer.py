@@ -9,7 +9,7 @@ builds completion-only labels. During training, the collator is wrapped so each 
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import warnings
@@ -27,8 +27,8 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .cache_writer import write_json_atomically
-from .config import DSFTConfig, check_diverse_ratio
-from .data import SOURCES, MixturePlan, build_mixture, read_conversations, to_prompt_completion
+from .config import DSFTConfig
+from .data import SOURCES, MixturePlan, prepare_datasets
 from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
 from .runtime import MIXTURE_FILE
 
@@ -63,8 +63,41 @@ def _as_dsft_config(model: Any, args: TrainingArguments | None) -> DSFTConfig:
     return DSFTConfig(**dict_args)
 
 
-def _describe(dataset: Any) -> str:
-    return os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else f"<in-memory {type(dataset).__name__}>"
+def _resolve_aliases(
+    model: Any,
+    args: TrainingArguments | None,
+    processing_class: Any,
+    tokenizer: Any,
+    diverse_dataset: Any,
+    cache_dir: str | None,
+    diverse_ratio: float | None,
+) -> tuple[DSFTConfig, Any, Any]:
+    """The config (a copy when keyword arguments override it: the caller's is never changed), cache and tokenizer."""
+    args = _as_dsft_config(model, args)
+    if tokenizer is not None:
+        warnings.warn(
+            "`tokenizer=` is deprecated; pass `processing_class=` instead (as in TRL).", FutureWarning, stacklevel=3
+        )
+        if processing_class is not None and processing_class is not tokenizer:
+            raise ValueError("Pass either `processing_class=` or its deprecated alias `tokenizer=`, not both.")
+        processing_class = tokenizer
+    if cache_dir is not None:
+        if diverse_dataset is not None and diverse_dataset != cache_dir:
+            raise ValueError(
+                f"Pass either `diverse_dataset=` or its alias `cache_dir=`, not both "
+                f"(got {diverse_dataset!r} and {cache_dir!r})."
+            )
+        diverse_dataset = cache_dir
+    if isinstance(diverse_dataset, (str, os.PathLike)) or diverse_ratio is not None:
+        args = copy.copy(args)
+        if isinstance(diverse_dataset, (str, os.PathLike)):
+            args.diverse_dataset = os.fspath(diverse_dataset)
+        if diverse_ratio is not None:
+            args.diverse_ratio = diverse_ratio
+        args.check_delia_fields()
+    if diverse_dataset is None:
+        diverse_dataset = args.diverse_dataset
+    return args, diverse_dataset, processing_class
 
 
 class DSFTTrainer(SFTTrainer):
@@ -95,8 +128,8 @@ class DSFTTrainer(SFTTrainer):
         model: Any,
         args: DSFTConfig | SFTConfig | TrainingArguments | None = None,
         data_collator: Callable | None = None,
-        train_dataset: Dataset | str | None = None,
-        eval_dataset: Dataset | str | dict[str, Dataset | str] | None = None,
+        train_dataset: Dataset | IterableDataset | str | None = None,
+        eval_dataset: Dataset | IterableDataset | str | dict[str, Dataset | IterableDataset | str] | None = None,
         processing_class: Any = None,
         compute_loss_func: Callable | None = None,
         compute_metrics: Callable | None = None,
@@ -113,43 +146,35 @@ class DSFTTrainer(SFTTrainer):
         cache_dir: str | None = None,
         tokenizer: Any = None,
     ):
-        args = _as_dsft_config(model, args)
-        if tokenizer is not None:
-            warnings.warn(
-                "`tokenizer=` is deprecated; pass `processing_class=` instead (as in TRL).", FutureWarning, stacklevel=2
-            )
-            if processing_class is not None and processing_class is not tokenizer:
-                raise ValueError("Pass either `processing_class=` or its deprecated alias `tokenizer=`, not both.")
-            processing_class = tokenizer
-        if cache_dir is not None:
-            if diverse_dataset is not None and diverse_dataset != cache_dir:
-                raise ValueError(
-                    f"Pass either `diverse_dataset=` or its alias `cache_dir=`, not both "
-                    f"(got {_describe(diverse_dataset)!r} and {cache_dir!r})."
-                )
-            diverse_dataset = cache_dir
-        if isinstance(diverse_dataset, (str, os.PathLike)):
-            args.diverse_dataset = os.fspath(diverse_dataset)
-        elif diverse_dataset is None:
-            diverse_dataset = args.diverse_dataset
-        if diverse_ratio is not None:
-            args.diverse_ratio = check_diverse_ratio(diverse_ratio)
+        args, diverse_dataset, processing_class = _resolve_aliases(
+            model, args, processing_class, tokenizer, diverse_dataset, cache_dir, diverse_ratio
+        )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a Dataset, a JSONL path, a saved folder or a hub name.")
-        if isinstance(train_dataset, IterableDataset):
-            raise TypeError(
-                "DSFTTrainer mixes rows by index, so `train_dataset` must be a Dataset, not an IterableDataset."
-            )
 
         # Every process builds the same mixture (seeded); the main one goes first so datasets' cache is written once.
         with PartialState().main_process_first():
-            train_dataset, self.mixture_plan = build_mixture(
-                train_dataset, diverse_dataset, args.diverse_ratio, args.diverse_seed, args.diverse_sampling
+            prepared = prepare_datasets(
+                train_dataset,
+                diverse_dataset,
+                eval_dataset,
+                ratio=args.diverse_ratio,
+                seed=args.diverse_seed,
+                sampling=args.diverse_sampling,
+                final_reply_only=args.final_reply_only,
+                assistant_only_loss=args.assistant_only_loss,
+                dataset_text_field=args.dataset_text_field,
+                formatting_func=formatting_func,
             )
-            eval_dataset = self._prepare_eval_dataset(eval_dataset)
-        self._diverse_description = None if diverse_dataset is None else _describe(diverse_dataset)
+        self.mixture_plan = prepared.plan
+        self._diverse_description = prepared.diverse_description
+        if prepared.split_final_reply:
+            logger.info(
+                "DSFTTrainer trains conversations on their final assistant reply only (final_reply_only=True); "
+                "set final_reply_only=False to train on them as SFTTrainer does."
+            )
 
-        self._log_per_source = args.log_loss_per_source
+        self._log_per_source = args.log_loss_per_source and prepared.mixed
         if self._log_per_source and (args.packing or args.padding_free):
             warnings.warn(
                 "Per-source loss logging is off: packing / padding-free training merges rows of both sources into one "
@@ -167,8 +192,8 @@ class DSFTTrainer(SFTTrainer):
             model=model,
             args=args,
             data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            train_dataset=prepared.train_dataset,
+            eval_dataset=prepared.eval_dataset,
             processing_class=processing_class,
             compute_loss_func=compute_loss_func,
             compute_metrics=compute_metrics,
@@ -178,33 +203,20 @@ class DSFTTrainer(SFTTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             quantization_config=quantization_config,
             peft_config=peft_config,
-            formatting_func=formatting_func,
+            formatting_func=prepared.formatting_func,
         )
         expose_trainable_token_lm_head_bias(self.model)
         if self._log_per_source:
             self.data_collator = SourceTaggingCollator(self.data_collator)
         self.mixture = self._mixture_record()
-        logger.info("DELIA mixture: %s", json.dumps(self.mixture["sources"]))
+        for note in prepared.notes:
+            logger.info(note)
         if self.is_world_process_zero():
             self._write_mixture()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Data
     # ------------------------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _prepare_one_eval(dataset: Any, label: str) -> Dataset:
-        loaded, data_format, _ = read_conversations(dataset, label)
-        keep_source = "source" in loaded.column_names and set(loaded.unique("source")) <= set(SOURCES)
-        return to_prompt_completion(loaded, data_format, None if keep_source else "downstream")
-
-    def _prepare_eval_dataset(self, eval_dataset: Any) -> Any:
-        """Eval rows are validated and normalised like training rows; they count as downstream unless tagged."""
-        if eval_dataset is None:
-            return None
-        if isinstance(eval_dataset, dict):
-            return {name: self._prepare_one_eval(data, f"eval dataset {name!r}") for name, data in eval_dataset.items()}
-        return self._prepare_one_eval(eval_dataset, "eval dataset")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -216,9 +228,16 @@ class DSFTTrainer(SFTTrainer):
         plan: MixturePlan = self.mixture_plan
         sources: dict[str, dict[str, int]] = {}
         dataset = self.train_dataset
-        if isinstance(dataset, Dataset) and {"source", "input_ids", "labels"} <= set(dataset.column_names):
-            table = dataset.select_columns(["source", "input_ids", "labels"]).with_format("arrow")[:]
-            source = table.column("source").to_numpy(zero_copy_only=False)
+        if isinstance(dataset, Dataset) and {"input_ids", "labels"} <= set(dataset.column_names):
+            tagged = "source" in dataset.column_names
+            table = dataset.select_columns(["input_ids", "labels"] + (["source"] if tagged else [])).with_format(
+                "arrow"
+            )[:]
+            source = (
+                table.column("source").to_numpy(zero_copy_only=False)
+                if tagged
+                else np.full(table.num_rows, "downstream", dtype=object)
+            )
             tokens = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
             labels = table.column("labels")
             loss_mask = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
@@ -232,8 +251,10 @@ class DSFTTrainer(SFTTrainer):
                         "tokens": int(tokens[rows].sum()),
                         "loss_tokens": int(loss_tokens[rows].sum()),
                     }
-        else:  # packed: the source column is gone after tokenisation
-            sources = {"downstream": {"rows": plan.downstream_rows}, "diverse": {"rows": plan.diverse_rows}}
+        else:  # packed (the source column is gone after tokenisation) or streaming (rows unknown up front)
+            sources = {"downstream": {"rows": plan.downstream_rows}}
+            if plan.diverse_rows:
+                sources["diverse"] = {"rows": plan.diverse_rows}
         return {
             "sources": sources,
             "diverse_dataset": self._diverse_description,

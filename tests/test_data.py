@@ -77,18 +77,19 @@ def cache() -> Dataset:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_ratio_zero_gives_only_downstream_rows(down, cache):
+def test_ratio_zero_gives_the_downstream_rows_unchanged_in_order(down, cache):
     mixed = mix_datasets(down, cache, ratio=0, seed=0)
-    assert len(mixed) == 8
-    assert set(mixed["source"]) == {"downstream"}
-    assert sorted(whole(r) for r in rows_of(mixed)) == sorted(as_key(r) for r in downstream_rows(8))
+    assert mixed.column_names == ["prompt", "completion"]  # no source column: nothing was mixed
+    assert [whole(r) for r in rows_of(mixed)] == [as_key(r) for r in downstream_rows(8)]
     assert plan_mixture(8, 40, 0, seed=0).resolved_sampling == "none"
     assert len(plan_mixture(8, 40, 0, seed=0).draw()) == 0
 
 
-def test_no_diverse_dataset_gives_only_downstream_rows(down):
+def test_no_diverse_dataset_gives_the_downstream_rows_unchanged(down):
     mixed = mix_datasets(down, None, ratio=100, seed=0)
-    assert mixed["source"] == ["downstream"] * 8
+    assert [whole(r) for r in rows_of(mixed)] == [as_key(r) for r in downstream_rows(8)]
+    untouched = mix_datasets(down, None, ratio=100, seed=0, final_reply_only=False)
+    assert untouched.to_list() == down.to_list()
 
 
 @pytest.mark.parametrize(
@@ -251,14 +252,16 @@ def test_same_seed_same_rows_in_same_order(down, cache):
     assert plan_mixture(8, 40, 1.5, 7).draw().tolist() == plan_mixture(8, 40, 1.5, 7).draw().tolist()
 
 
-def test_different_seed_changes_order_and_selection(down, cache):
+def test_different_seed_changes_selection_and_places_but_keeps_downstream_order(down, cache):
     first = mix_datasets(down, cache, ratio=1, seed=0)
     second = mix_datasets(down, cache, ratio=1, seed=1)
     assert rows_of(first) != rows_of(second)
     assert set(diverse_keys(first)) != set(diverse_keys(second))  # 8 of 40 drawn: a different selection
-    downstream_order = [[whole(r) for r in rows_of(m) if r["source"] == "downstream"] for m in (first, second)]
-    assert downstream_order[0] != downstream_order[1]
-    assert sorted(downstream_order[0]) == sorted(downstream_order[1])
+    assert first["source"] != second["source"]  # diverse rows at other places
+    for mixed in (first, second):  # the downstream rows keep the order they were given in
+        assert [whole(r) for r in rows_of(mixed) if r["source"] == "downstream"] == [
+            as_key(r) for r in downstream_rows(8)
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,33 +269,37 @@ def test_different_seed_changes_order_and_selection(down, cache):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_extra_message_keys_are_dropped_so_files_mix(tmp_path):
+def test_downstream_columns_and_message_keys_survive_mixing(tmp_path):
     named = []
     for row in downstream_rows(4):
         messages = [dict(m, name="alice" if m["role"] == "user" else "bot") for m in row["messages"]]
         named.append({"messages": messages, "id": len(named)})
     down_path = write_jsonl(tmp_path / "named.jsonl", named)
     cache_path = write_jsonl(tmp_path / "plain.jsonl", diverse_rows(10))
-    assert "name" in load_conversations(down_path).features["messages"].feature
-    for downstream, diverse in ((down_path, cache_path), (cache_path, down_path)):
-        mixed = mix_datasets(downstream, diverse, ratio=0.4, seed=0)
-        assert mixed.features == FEATURES
-        assert mixed.column_names == ["prompt", "completion", "source"]
-        for row in rows_of(mixed):
-            for message in row["prompt"] + row["completion"]:
-                assert set(message) == {"role", "content"}
     mixed = mix_datasets(down_path, cache_path, ratio=1, seed=0)
-    assert sorted(whole(r) for r in rows_of(mixed) if r["source"] == "downstream") == sorted(
-        as_key(r) for r in downstream_rows(4)
-    )
+    assert mixed.column_names == ["prompt", "completion", "id", "source"]
+    for row in rows_of(mixed):
+        names = {m["name"] for m in row["prompt"] + row["completion"]}
+        if row["source"] == "downstream":
+            assert names == {"alice", "bot"} and row["id"] in range(4)
+        else:  # the cache lacks them: empty, not dropped rows
+            assert names == {None} and row["id"] is None
+    # The other way round, keys only the cache has are dropped: the downstream schema wins.
+    reverse = mix_datasets(cache_path, down_path, ratio=0.4, seed=0)
+    assert reverse.features == FEATURES
 
 
-def test_prepare_conversations_normalises_one_dataset(tmp_path):
+def test_eval_rows_get_the_training_rows_treatment(tmp_path):
     path = write_jsonl(tmp_path / "eval.jsonl", downstream_rows(3))
-    prepared = delia.prepare_conversations(path, row_source="diverse")
-    assert prepared.features == FEATURES
-    assert prepared["source"] == ["diverse"] * 3
-    assert [whole(r) for r in rows_of(prepared)] == [as_key(r) for r in downstream_rows(3)]
+    prepared = delia.prepare_datasets(
+        Dataset.from_list(downstream_rows(4)), Dataset.from_list(diverse_rows(8)), {"a": path, "b": path}, ratio=1
+    )
+    for name in ("a", "b"):
+        assert prepared.eval_dataset[name].features == FEATURES
+        assert prepared.eval_dataset[name]["source"] == ["downstream"] * 3
+        assert [whole(r) for r in rows_of(prepared.eval_dataset[name])] == [as_key(r) for r in downstream_rows(3)]
+    plain = delia.prepare_datasets(Dataset.from_list(downstream_rows(4)), None, path, final_reply_only=False)
+    assert plain.eval_dataset.column_names == ["messages"] and not plain.mixed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -475,7 +482,7 @@ def test_messages_not_a_list_or_row_not_an_object(tmp_path):
         load_conversations(path)
     assert_clean(e.value)
     path = write_lines(tmp_path / "array.jsonl", good_lines(1) + ["[1, 2]"])
-    with pytest.raises(DataFormatError, match=at(path, 2) + r" expected a JSON object .*got list") as e:
+    with pytest.raises(DataFormatError, match=at(path, 2) + r" expected a JSON object .*got array") as e:
         load_conversations(path)
     assert_clean(e.value)
 
@@ -513,19 +520,19 @@ def test_folder_that_is_not_a_saved_dataset(tmp_path):
     assert_clean(e.value)
 
 
-def test_mismatched_formats_between_downstream_and_diverse(tmp_path, down):
+def test_mismatched_forms_between_downstream_and_diverse(tmp_path, down):
     standard = Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(6)])
-    with pytest.raises(DataFormatError, match=r"mismatched formats") as e:
+    with pytest.raises(DataFormatError, match=r"mismatched forms") as e:
         mix_datasets(down, standard, ratio=1, seed=0)
     message = assert_clean(e.value)
     assert message.startswith(
-        "mismatched formats: the downstream dataset is conversational (message lists), "
-        "but the diverse dataset is standard (prompt/completion strings); both must have the same form"
+        "mismatched forms: the downstream rows (train dataset) are conversational prompt/completion, "
+        "but the diverse cache (diverse dataset) is prompt/completion strings; mix a cache of the same form"
     )
     down_path = write_jsonl(tmp_path / "down.jsonl", downstream_rows(4))
     std_path = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
     with pytest.raises(
-        DataFormatError, match=re.escape(str(down_path)) + r" is conversational.*" + re.escape(str(std_path))
+        DataFormatError, match=re.escape(str(down_path)) + r"\) are conversational.*" + re.escape(str(std_path))
     ):
         mix_datasets(down_path, std_path, ratio=1, seed=0)
     # Standard rows mix with standard rows.
@@ -613,12 +620,7 @@ def test_config_is_sane_without_an_accelerator(tmp_path, monkeypatch):
 
 def test_arrow_split_matches_the_row_by_row_split():
     """The vectorised messages -> prompt/completion split gives exactly what the plain Python split gives."""
-    from delia.data import (
-        CONVERSATIONAL_FEATURES,
-        _has_plain_message_type,
-        _split_messages_batch,
-        to_prompt_completion,
-    )
+    from delia.data.forms import _split_rows, split_final_reply
 
     rows = [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -640,8 +642,57 @@ def test_arrow_split_matches_the_row_by_row_split():
         },
     ]
     dataset = Dataset.from_list(rows * 5).select([14, 3, 7, 0, 1])  # an index mapping, as after a draw
-    assert _has_plain_message_type(dataset.data.schema.field("messages").type)  # so the fast path runs
-    fast = to_prompt_completion(dataset, "messages", "diverse")
-    slow = _split_messages_batch(dataset[:], "diverse")
+    dataset = dataset.add_column("id", list(range(5)))
+    fast = split_final_reply(dataset)
+    slow = _split_rows(dataset[:])
     assert fast.to_dict() == slow
-    assert fast.features == CONVERSATIONAL_FEATURES
+    assert fast.column_names == ["prompt", "completion", "id"]
+    streamed = split_final_reply(dataset.to_iterable_dataset())
+    assert list(streamed) == fast.to_list()
+
+
+def test_arrow_rules_and_python_reference_agree_on_random_rows():
+    """The fast check flags exactly the rows the Python reference rejects, over seeded random (mostly bad) rows."""
+    import random
+
+    from delia.data.rules import _bad_rows_in_messages_batch, row_problem
+
+    rng = random.Random(0)
+    roles = ["system", "user", "assistant", "tool"]
+    contents = ["text", "", "  ", "more text"]
+    rows = []
+    for _ in range(2000):
+        length = rng.randint(0, 5)
+        rows.append({"messages": [{"role": rng.choice(roles), "content": rng.choice(contents)} for _ in range(length)]})
+    dataset = Dataset.from_list(rows)
+    fast = set(_bad_rows_in_messages_batch(dataset.data.column("messages")).tolist())
+    slow = {index for index, row in enumerate(rows) if row_problem(row, "messages") is not None}
+    assert 0 < len(slow) < len(rows)  # both kinds present, so the comparison means something
+    assert fast == slow
+
+
+def test_trainer_keyword_overrides_do_not_change_the_callers_config(make_tokenizer, make_model, make_config, tmp_path):
+    from delia import DSFTTrainer
+
+    tokenizer = make_tokenizer("chatml")
+    config = make_config(max_steps=1)
+    cache_path = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(10))
+    trainer = DSFTTrainer(
+        make_model(tokenizer),
+        args=config,
+        train_dataset=Dataset.from_list(downstream_rows(4)),
+        processing_class=tokenizer,
+        diverse_dataset=str(cache_path),
+        diverse_ratio=2,
+    )
+    assert (trainer.args.diverse_dataset, trainer.args.diverse_ratio) == (str(cache_path), 2.0)
+    assert (config.diverse_dataset, config.diverse_ratio) == (None, 100.0)
+    assert trainer.mixture["sources"]["diverse"]["rows"] == 8
+    with pytest.raises(ValueError, match=r"diverse_ratio must be a finite number >= 0, got -1"):
+        DSFTTrainer(
+            make_model(tokenizer),
+            args=config,
+            train_dataset=Dataset.from_list(downstream_rows(4)),
+            processing_class=tokenizer,
+            diverse_ratio=-1,
+        )

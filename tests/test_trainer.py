@@ -216,7 +216,7 @@ def test_per_source_loss_is_invariant_to_gradient_accumulation(make_tokenizer, m
                 assert one[key] == pytest.approx(other[key], rel=1e-4), key
 
 
-def test_absent_source_gets_no_key_and_eval_is_split(make_tokenizer, make_model, make_config):
+def test_ratio_zero_is_plain_sft_without_per_source_keys(make_tokenizer, make_model, make_config):
     trainer = make_trainer(
         make_tokenizer,
         make_model,
@@ -226,19 +226,34 @@ def test_absent_source_gets_no_key_and_eval_is_split(make_tokenizer, make_model,
         config={"eval_strategy": "steps", "eval_steps": 2},
     )
     trainer.train()
+    assert "source" not in trainer.train_dataset.column_names
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert "loss" in logged and "eval_loss" in logged
+    assert not any(key.startswith(("loss_", "eval_loss_")) for key in logged)
+
+
+def test_absent_source_gets_no_key_and_untagged_eval_counts_as_downstream(make_tokenizer, make_model, make_config):
+    trainer = make_trainer(
+        make_tokenizer,
+        make_model,
+        make_config,
+        diverse_ratio=1,
+        eval_dataset=Dataset.from_list(downstream_rows(4)),
+        config={"eval_strategy": "steps", "eval_steps": 2},
+    )
+    trainer.train()
     train_entries = [entry for entry in trainer.state.log_history if "loss" in entry]
     eval_entries = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    assert train_entries and all("loss_diverse" not in entry for entry in train_entries)
-    assert all(math.isfinite(entry["loss_downstream"]) for entry in train_entries)
+    assert train_entries and all(math.isfinite(entry["loss_downstream"]) for entry in train_entries)
     assert eval_entries and all("eval_loss_diverse" not in entry for entry in eval_entries)
-    assert all("eval_loss_downstream" in entry for entry in eval_entries)
+    assert all(entry["eval_loss_downstream"] == pytest.approx(entry["eval_loss"], rel=1e-5) for entry in eval_entries)
 
 
 def test_eval_keeps_source_tags_of_a_mixed_eval_set(make_tokenizer, make_model, make_config):
     from delia import mix_datasets
 
     mixed_eval = mix_datasets(Dataset.from_list(downstream_rows(4)), Dataset.from_list(diverse_rows(8)), ratio=1)
-    trainer = make_trainer(make_tokenizer, make_model, make_config, diverse_ratio=0, eval_dataset=mixed_eval)
+    trainer = make_trainer(make_tokenizer, make_model, make_config, diverse_ratio=1, eval_dataset=mixed_eval)
     metrics = trainer.evaluate()
     assert {"eval_loss_downstream", "eval_loss_diverse"} <= set(metrics)
 

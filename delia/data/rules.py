@@ -205,12 +205,12 @@ def load_conversations(source: Any, *, label: str = "dataset", split: str = "tra
     Every row is validated; a bad row raises `DataFormatError` naming the file and line (or row) and the field.
     Returns the dataset as stored (validation does not rewrite it).
     """
-    dataset, origin = read_dataset(source, label, split, row_problem=any_formatrow_problem)
+    dataset, origin = read_dataset(source, label, split, row_problem=any_format_row_problem)
     validate_conversations(dataset, origin)
     return dataset
 
 
-def any_formatrow_problem(row: dict) -> str | None:
+def any_format_row_problem(row: dict) -> str | None:
     """`row_problem` for a row of unknown format: messages, or prompt/completion as strings or message lists."""
     data_format = "messages" if "messages" in row or "prompt" not in row else "conversational"
     if data_format == "conversational" and isinstance(row.get("prompt"), str):
