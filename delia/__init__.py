@@ -1,8 +1,17 @@
-"""DELIA: Diversity-Enhanced Learning for Instruction Adaptation (arXiv 2408.10841) on TRL 1.x."""
+"""DELIA: Diversity-Enhanced Learning for Instruction Adaptation (arXiv 2408.10841) on TRL 1.x.
 
-# ruff: noqa: E402  (the logger below must be set before the imports that pull in bitsandbytes)
+`import delia` is cheap: the public names below are imported from their modules on first use (PEP 562), so the
+`delia` command and `delia --help` do not pay for torch, transformers, trl and peft before they need them.
+"""
 
+from __future__ import annotations
+
+import importlib
+import importlib.util
 import logging
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 # peft imports bitsandbytes, whose CPU backend warns on every import (on CPUs with AVX512-BF16) that an optional
 # 4-bit kernel package is missing, even when nothing is quantized. Quiet it unless the user set that logger's level.
@@ -10,29 +19,45 @@ _bnb_cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
 if _bnb_cpu_logger.level == logging.NOTSET:
     _bnb_cpu_logger.setLevel(logging.ERROR)
 
-# Import the legacy module `delia.DSFTTrainer` first, so that binding the class below wins over the submodule of the
-# same name (Python sets a package attribute when a submodule is first imported).
-from . import DSFTTrainer as _legacy_trainer_module  # noqa: F401
-from .build_cache import build_cache
-from .config import DSFTConfig
-from .data import (
-    SOURCES,
-    DataFormatError,
-    load_conversations,
-    mix_datasets,
-    plan_mixture,
-    prepare_datasets,
-    validate_conversations,
-)
-from .trainer import DSFTTrainer, SourceTaggingCollator
-from .utils import (
-    add_new_tokens,
-    get_peft_config,
-    get_training_arguments,
-    setup_tokenizer_and_model,
-)
+if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__getattr__` below resolves these names
+    from .build_cache import build_cache
+    from .config import DSFTConfig, get_training_arguments
+    from .data import (
+        SOURCES,
+        DataFormatError,
+        load_conversations,
+        mix_datasets,
+        plan_mixture,
+        prepare_datasets,
+        validate_conversations,
+    )
+    from .lora import get_peft_config
+    from .modeling import add_new_tokens, setup_tokenizer_and_model
+    from .trainer import DSFTTrainer, SourceTaggingCollator
 
-__version__ = "0.1.0"
+    __version__: str
+
+#: The name on PyPI (`pip install delia-trl`); the import name stays `delia` (PyPI's `delia` is another project).
+DISTRIBUTION = "delia-trl"
+
+#: Public name -> the module that defines it; imported on first use. Keep `__all__` below in step.
+_EXPORTS: dict[str, str] = {
+    "DSFTConfig": "delia.config",
+    "get_training_arguments": "delia.config",
+    "DSFTTrainer": "delia.trainer",
+    "SourceTaggingCollator": "delia.trainer",
+    "add_new_tokens": "delia.modeling",
+    "setup_tokenizer_and_model": "delia.modeling",
+    "get_peft_config": "delia.lora",
+    "build_cache": "delia.build_cache",
+    "SOURCES": "delia.data",
+    "DataFormatError": "delia.data",
+    "load_conversations": "delia.data",
+    "mix_datasets": "delia.data",
+    "plan_mixture": "delia.data",
+    "prepare_datasets": "delia.data",
+    "validate_conversations": "delia.data",
+}
 
 __all__ = [
     "SOURCES",
@@ -51,3 +76,52 @@ __all__ = [
     "setup_tokenizer_and_model",
     "validate_conversations",
 ]
+
+
+def _installed_version() -> str:
+    """The installed distribution's version, or a placeholder when running from an uninstalled checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or `__version__`, or a submodule such as `delia.data`) on first use, then keep it."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name == "__version__":
+        value = _installed_version()
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # importing binds it on the package itself
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's own names plus the lazy ones, so completion and `dir(delia)` list them before first use."""
+    return sorted({*globals(), *_EXPORTS, "__version__"})
+
+
+class _Package(types.ModuleType):
+    """The `delia` module's type: a submodule never shadows the public name it shares.
+
+    Importing a submodule sets it as an attribute of its package. `delia/DSFTTrainer.py` (the original project's
+    import path, `from delia.DSFTTrainer import DSFTTrainer`) and `delia/build_cache.py` share their names with the
+    class and the function exported here, so importing them would replace `delia.DSFTTrainer` / `delia.build_cache`
+    with the module, and a later `from delia import DSFTTrainer` would hand out a module. Those assignments are
+    dropped, so the name keeps resolving (through `__getattr__`) to the class or function, in any import order.
+    The submodules themselves stay importable: the import system finds them in `sys.modules`.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

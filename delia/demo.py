@@ -81,12 +81,12 @@ def _first_last(log_history: list[dict[str, Any]], key: str) -> tuple[float, flo
     return (values[0], values[-1]) if values else (math.nan, math.nan)
 
 
-def run_demo(
-    output: str = "runs/demo", model: str | None = None, ratio: float = 4.0, seed: int = 0, steps: int = 80
-) -> dict:
-    """Run the demo into `output`; return the summary."""
+def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, steps: int) -> DSFTTrainer:
+    """Check the options, load the model, self-sample the cache and mix the data: what a bad input can fail.
+
+    Kept apart from training, so that `main` reports these as bad input while a training error keeps its traceback.
+    """
     ratio = check_diverse_ratio(ratio)
-    started = time.perf_counter()
     start_run_folder(output)
     model_path = model or build_demo_model(os.path.join(output, "tiny-model"), seed)
     # Loaded once: it self-samples as the base model, then gets <sep> for training
@@ -136,6 +136,11 @@ def run_demo(
         peft_config=None if model is None else get_peft_config(),  # a real model (8-bit on CUDA) trains LoRA + <sep>
     )
     trainer.remove_callback(PrinterCallback)  # the table below says it more briefly than one dict per step
+    return trainer
+
+
+def finish_demo(trainer: DSFTTrainer, output: str, started: float) -> dict:
+    """Train, then write the log history, the loss plot and the summary into `output`; return the summary."""
     trainer.train()
     history = trainer.state.log_history
     with open(os.path.join(output, "log_history.json"), "w", encoding="utf-8") as handle:
@@ -153,6 +158,14 @@ def run_demo(
     with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+def run_demo(
+    output: str = "runs/demo", model: str | None = None, ratio: float = 4.0, seed: int = 0, steps: int = 80
+) -> dict:
+    """Run the demo into `output`; return the summary."""
+    started = time.perf_counter()
+    return finish_demo(build_demo_trainer(output, model, ratio, seed, steps), output, started)
 
 
 def print_summary(summary: dict) -> None:
@@ -176,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
     options = parser.parse_args(argv)
-    try:
-        summary = run_demo(options.output, options.model, options.ratio, options.seed, options.steps)
+    started = time.perf_counter()
+    try:  # bad input: one clear line; a failure during training keeps its traceback
+        trainer = build_demo_trainer(options.output, options.model, options.ratio, options.seed, options.steps)
     except (ValueError, OSError) as error:
         print(f"delia demo: error: {error}", file=sys.stderr)
         return 2
-    print_summary(summary)
+    print_summary(finish_demo(trainer, options.output, started))
     return 0
 
 
