@@ -88,14 +88,6 @@ def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     )
 
 
-def train(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
-    """Set up the model, mix, train and save; returns the trainer."""
-    trainer = build_trainer(model_args, args)
-    trainer.train()
-    trainer.save_model()
-    return trainer
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
     try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
