@@ -185,6 +185,21 @@ def test_merging_keeps_rows_without_an_id(tmp_path):
     assert [row["n"] for row in rows_of(output)] == [4, 1, 2, 3]
 
 
+def test_json_sidecar_is_synced_then_replaced_in_one_step(tmp_path, monkeypatch):
+    from delia.cache_writer import write_json_atomically
+
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    path = tmp_path / "cache.jsonl.meta.json"
+    write_json_atomically(str(path), {"rows": 1})
+    assert json.loads(path.read_text()) == {"rows": 1} and len(synced) == 1  # on disk before it replaces the old one
+    with pytest.raises(TypeError):
+        write_json_atomically(str(path), {"rows": object()})  # fails midway
+    assert json.loads(path.read_text()) == {"rows": 1}  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # and no temporary file is left behind
+
+
 def _count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
