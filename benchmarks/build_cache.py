@@ -3,10 +3,11 @@ Generation throughput of build_cache (transformers backend, CPU): one query at a
 batches in file order against batches sorted by prompt length, on prompts of skewed length.
 
 What is measured: generated tokens per second of a whole `build_cache` call, as a user sees it: the `tokens` and
-`seconds` counts of `<output>.meta.json` (`seconds` runs from the start of the call, so it includes loading the model
-from its folder, reading the queries, rendering and tokenizing the prompts, and writing the rows; on this tiny model
-that is under a tenth of a second per call). The time spent inside `TransformersBackend.generate` is printed too
-(the benchmark wraps that method with a timer; nothing else changes), so the fixed cost of a call can be seen apart.
+`seconds` counts of the returned `CacheResult` (as in `<output>.meta.json`; `seconds` runs from the start of the call,
+so it includes loading the model from its folder, reading the queries, rendering and tokenizing the prompts, and
+writing the rows; on this tiny model that is under a tenth of a second per call). The time spent generating, inside `TransformersBackend.stream`, is
+printed too (the benchmark wraps that method with a timer; nothing else changes), so the fixed cost of a call can be
+seen apart.
 
 The three configurations, all greedy (temperature=0) with min_new_tokens = max_new_tokens (32 by default), so every
 query costs exactly the same number of generated tokens in each (checked from the counts: every run must report
@@ -105,7 +106,7 @@ WORDS = TRAINING_TEXT.split()
 
 
 def prompt_length(query: str) -> int:
-    """Tokens of the rendered prompt, as TransformersBackend.prompt_ids counts them."""
+    """Tokens of the rendered prompt, as TransformersBackend.prepare counts them."""
     prompt = renderer.render(build_conversation(query, None, "plain", None))
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
@@ -172,18 +173,24 @@ print(
 # Timing
 
 generate_seconds = [0.0]
-_generate = transformers_backend.TransformersBackend.generate
+_stream = transformers_backend.TransformersBackend.stream
 
 
-def timed_generate(self, conversations, sampling):
-    start = time.perf_counter()
-    try:
-        return _generate(self, conversations, sampling)
-    finally:
-        generate_seconds[0] += time.perf_counter() - start
+def timed_stream(self, prompts, sampling):
+    """TransformersBackend.stream, adding the time spent producing each reply to generate_seconds."""
+    replies = _stream(self, prompts, sampling)
+    while True:
+        start = time.perf_counter()
+        try:
+            reply = next(replies)
+        except StopIteration:
+            return
+        finally:
+            generate_seconds[0] += time.perf_counter() - start
+        yield reply
 
 
-transformers_backend.TransformersBackend.generate = timed_generate
+transformers_backend.TransformersBackend.stream = timed_stream
 
 CONFIGS = {  # name: (query file, batch_size, sort_by_length)
     "sequential": ("subset", 1, False),
@@ -205,7 +212,7 @@ def run(name: str, files: dict[str, tuple[str, int]], output: str) -> dict:
     generate_seconds[0] = 0.0
     gc.collect()
     start = time.perf_counter()
-    build_cache(
+    result = build_cache(
         model_dir,
         path,
         output,
@@ -221,15 +228,13 @@ def run(name: str, files: dict[str, tuple[str, int]], output: str) -> dict:
         progress=False,
     )
     wall = time.perf_counter() - start
-    with open(f"{output}.meta.json", encoding="utf-8") as handle:
-        counts = json.load(handle)["counts"]
-    if counts["tokens"] != count * args.new_tokens or counts["hit_max_new_tokens"] != count:
-        raise SystemExit(f"FAIL: {name}: expected {count} x {args.new_tokens} tokens, got counts {counts}")
+    if result.tokens != count * args.new_tokens or result.hit_max_new_tokens != count:
+        raise SystemExit(f"FAIL: {name}: expected {count} x {args.new_tokens} tokens, got counts {result.counts()}")
     with open(output, encoding="utf-8") as handle:
         replies = {row["id"]: row["messages"][1]["content"] for row in map(json.loads, handle)}
     return {
-        "tokens": counts["tokens"],
-        "seconds": counts["seconds"],
+        "tokens": result.tokens,
+        "seconds": result.seconds,
         "wall": wall,
         "generate": generate_seconds[0],
         "replies": replies,
@@ -266,7 +271,7 @@ with tempfile.TemporaryDirectory(prefix="delia-build-cache-") as workdir:
 
 rate = {name: statistics.median(r["tokens"] / r["seconds"] for r in results[name]) for name in names}
 print()
-print(f"{'configuration':<13} {'queries':>7} {'tok/s':>7} {'range':>13} {'seconds':>8} {'in generate()':>14}")
+print(f"{'configuration':<13} {'queries':>7} {'tok/s':>7} {'range':>13} {'seconds':>8} {'generating':>14}")
 for name in names:
     rates = [r["tokens"] / r["seconds"] for r in results[name]]
     seconds = statistics.median(r["seconds"] for r in results[name])
@@ -276,7 +281,7 @@ for name in names:
         f"{name:<13} {queries_done:>7} {rate[name]:>7.0f} {min(rates):>6.0f}-{max(rates):<6.0f} {seconds:>8.2f} "
         f"{in_generate:>8.0f} tok/s"
     )
-print("tok/s: generated tokens / meta.json seconds (whole call), median over rounds; range: min-max over rounds")
+print("tok/s: generated tokens / CacheResult seconds (whole call), median over rounds; range: min-max over rounds")
 
 # same greedy replies whatever the batching? (float32; left padding changes the arithmetic a little, and a random
 # model's near-flat logits can flip an argmax, so a few differences are expected)

@@ -11,12 +11,14 @@ in-process, vLLM in-process, any OpenAI-compatible server over HTTP), and append
 Resumable: rows are flushed per batch and a restart skips ids already written, so a run killed at any point and
 restarted ends with every query answered once. Under `accelerate launch -m delia.build_cache ...` each process answers
 its share of the queries into its own shard, and the main process merges the shards in query order at the end.
-A sidecar `<output>.meta.json` records the model, template, sampling, seed, library versions and counts.
+A sidecar `<output>.meta.json` records the model, template, sampling, seed, library versions and counts; the returned
+`CacheResult` holds the same counts and stands for the output path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -24,7 +26,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -41,7 +43,7 @@ from .cache_writer import (
     write_json_atomically,
 )
 from .data import DataFormatError, DatasetOrigin, read_dataset, validate_conversations
-from .generation.base import Generation, SamplingConfig
+from .generation.base import Backend, Conversation, Generation, SamplingConfig
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
 from .runtime import leave_process_group, process_state
 
@@ -50,6 +52,8 @@ BACKENDS = ("auto", "transformers", "vllm", "openai")
 
 @dataclass(frozen=True)
 class Query:
+    """One query to answer: its id (see query_id), text, reference answer, and where it was read."""
+
     id: str
     query: str
     reference: str | None
@@ -146,66 +150,143 @@ def load_queries(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def make_backend(
-    backend: str,
-    model: Any,
-    *,
-    tokenizer: Any = None,
-    batch_size: int = 32,
-    base_urls: str | list[str] | None = None,
-    concurrency: int = 8,
-    tensor_parallel_size: int = 1,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    seed: int = 0,
-    backend_options: dict[str, Any] | None = None,
-) -> Any:
-    """The backend for `backend` ("auto": openai when base_urls are given, vLLM on CUDA if installed, else transformers)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto":
-        if base_urls:
-            backend = "openai"
-        elif (
+@dataclass(frozen=True)
+class BackendOptions:
+    """Which backend answers the queries and how it is set up: all that `make_backend` needs besides the model."""
+
+    name: str = "auto"  # "auto": openai when base_urls are given, vLLM on CUDA if installed, else transformers
+    base_urls: str | list[str] | None = None  # OpenAI-compatible servers (openai)
+    concurrency: int = 8  # requests in flight (openai)
+    batch_size: int = 32  # prompts per generate call (transformers, vLLM); replies per durable write (all)
+    tensor_parallel_size: int = 1  # GPUs per model (vLLM)
+    dtype: str = "auto"  # when a model is loaded by name (transformers, vLLM)
+    trust_remote_code: bool = False  # likewise
+    extra: dict[str, Any] = field(default_factory=dict)  # more constructor arguments, e.g. {"max_retries": 2}
+
+    def __post_init__(self):
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.name!r}")
+        for setting in ("concurrency", "batch_size", "tensor_parallel_size"):
+            value = getattr(self, setting)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{setting} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_keywords(cls, backend: str | BackendOptions, keywords: dict[str, Any]) -> BackendOptions:
+        """`backend` (a name or BackendOptions) with build_cache's backend keywords on top: a keyword given wins."""
+        settings = dict(keywords)
+        if "backend_options" in settings:  # the keyword's name for `extra`
+            settings["extra"] = dict(settings.pop("backend_options") or {})
+        unknown = sorted(set(settings) - {setting.name for setting in fields(cls)} - {"name"})
+        if unknown:
+            raise TypeError(f"build_cache() got an unexpected keyword argument {unknown[0]!r}")
+        base = backend if isinstance(backend, BackendOptions) else cls(name=backend)
+        return replace(base, **settings)
+
+    def resolve(self, model: Any) -> str:
+        """The backend that will run: `name`, or for "auto" the one picked for `model` on this machine."""
+        if self.name != "auto":
+            return self.name
+        if self.base_urls:
+            return "openai"
+        if (
             isinstance(model, (str, os.PathLike))  # a loaded model stays in-process with transformers
             and torch.cuda.is_available()
             and importlib.util.find_spec("vllm") is not None
         ):
-            backend = "vllm"
-        else:
-            backend = "transformers"
+            return "vllm"
+        return "transformers"
+
+
+def make_backend(options: BackendOptions, model: Any, *, tokenizer: Any = None, seed: int = 0) -> Backend:
+    """The backend `options` ask for, serving `model` (vLLM also gets `seed` as its engine's seed)."""
+    backend = options.resolve(model)
     if backend == "openai":
         from .generation.openai_backend import OpenAIBackend
 
-        if not base_urls:
+        if not options.base_urls:
             raise ValueError("backend='openai' needs base_urls (CLI: --base-url), e.g. http://127.0.0.1:8000/v1")
-        return OpenAIBackend(str(model), base_urls, concurrency=concurrency, **(backend_options or {}))
+        return OpenAIBackend(str(model), options.base_urls, concurrency=options.concurrency, **options.extra)
     if backend == "vllm":
         from .generation.vllm_backend import VLLMBackend
 
         return VLLMBackend(
             model,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
+            batch_size=options.batch_size,
+            tensor_parallel_size=options.tensor_parallel_size,
+            dtype=options.dtype,
+            trust_remote_code=options.trust_remote_code,
             seed=seed,
-            **(backend_options or {}),
+            **options.extra,
         )
-    from .generation.transformers_backend import TransformersBackend, load_model_and_tokenizer
+    from .generation.transformers_backend import TransformersBackend
+    from .modeling import load_tokenizer_and_model
 
-    if isinstance(model, (str, os.PathLike)):
-        state = process_state()
-        model, tokenizer = load_model_and_tokenizer(
-            model, dtype=dtype, trust_remote_code=trust_remote_code, device=str(state.device)
+    if isinstance(model, (str, os.PathLike)):  # the one model loader, unquantized, on this process's device
+        tokenizer, model = load_tokenizer_and_model(
+            model,
+            dtype=options.dtype,
+            trust_remote_code=options.trust_remote_code,
+            device=str(process_state().device),
         )
     elif tokenizer is None:
         raise ValueError("pass tokenizer= together with an already loaded model")
-    return TransformersBackend(model, tokenizer, batch_size=batch_size)
+    return TransformersBackend(model, tokenizer, batch_size=options.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run
+# The run, in four phases: resume or reset the output; pick this process's pending queries; answer them (generate and
+# write); finalise (merge the shards, write the meta file)
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    """What one process did with its replies."""
+
+    written: int = 0
+    dropped_degenerate: int = 0
+    kept_degenerate: int = 0
+    hit_max_new_tokens: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """What a build_cache run did (the counts of `<output>.meta.json`); it also stands for the output path."""
+
+    path: str
+    backend: str  # the backend that ran ("auto" resolved)
+    queries: int  # after deduplication and `limit`
+    skipped_already_done: int  # answered by an earlier run
+    written: int
+    dropped_degenerate: int
+    kept_degenerate: int
+    hit_max_new_tokens: int
+    tokens: int  # generated, kept or not
+    seconds: float
+    processes: int
+
+    def __fspath__(self) -> str:
+        """The output path, so `open(result)` and `load_conversations(result)` work as with the path itself."""
+        return self.path
+
+    def __str__(self) -> str:
+        """The output path."""
+        return self.path
+
+    def counts(self) -> dict[str, Any]:
+        """The counts, as `<output>.meta.json` records them."""
+        return {key: value for key, value in asdict(self).items() if key not in ("path", "backend")}
+
+    def summary(self) -> str:
+        """One line for people: rows written and skipped, tokens, speed."""
+        seconds = max(self.seconds, 1e-9)
+        return (
+            f"{self.path}: {self.written} rows written, {self.skipped_already_done} skipped as already done, "
+            f"{self.dropped_degenerate} dropped as empty or broken, {self.tokens} tokens "
+            f"({self.tokens / seconds:.1f} tokens/s) in {self.seconds:.1f} s"
+        )
 
 
 def degenerate_reason(generation: Generation) -> str | None:
@@ -218,8 +299,9 @@ def degenerate_reason(generation: Generation) -> str | None:
 
 
 def _versions() -> dict[str, str]:
+    """The versions of Python and of the libraries that shape the replies, for the meta file."""
     versions = {"python": platform.python_version()}
-    for package in ("delia", "torch", "transformers", "datasets", "accelerate", "vllm"):
+    for package in ("delia-trl", "torch", "transformers", "datasets", "accelerate", "vllm"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -227,82 +309,11 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _order_by_prompt_length(backend: Any, queries: list[Query], conversations: list[list[dict]]) -> list[int]:
-    """Longest prompt first (out-of-memory shows up at once, and each batch pads little)."""
-    if hasattr(backend, "prompt_ids"):
-        try:
-            lengths = [len(ids) for ids in backend.prompt_ids(conversations)]
-        except PromptRenderError as error:
-            raise DataFormatError(f"{queries[error.index].where}: {error}") from None
-    else:
-        lengths = [sum(len(m["content"]) for m in messages) for messages in conversations]
-    return sorted(range(len(queries)), key=lambda index: -lengths[index])
+def _resume_or_reset(output: str, resume: bool, overwrite: bool, state: Any) -> list[str]:
+    """Phase 1: start the output over (resume=False, overwrite=True) or repair what an earlier kill left.
 
-
-def _start_engine(
-    backend: str,
-    model: Any,
-    mine: list[Query],
-    template: str,
-    system_prompt: str | None,
-    sort_by_length: bool,
-    **backend_options: Any,
-) -> tuple[Any, list[list[dict]], list[int]]:
-    """The backend, the conversation of each query, and the order to answer them in."""
-    engine = make_backend(backend, model, **backend_options)
-    conversations = [build_conversation(q.query, q.reference, template, system_prompt) for q in mine]
-    order = _order_by_prompt_length(engine, mine, conversations) if sort_by_length else list(range(len(mine)))
-    return engine, conversations, order
-
-
-def build_cache(
-    model: Any,
-    queries: Any,
-    output: str | os.PathLike,
-    *,
-    template: str = "reference",
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-    backend: str = "auto",
-    batch_size: int = 32,
-    max_new_tokens: int = 512,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    seed: int = 0,
-    resume: bool = True,
-    overwrite: bool = False,
-    limit: int | None = None,
-    keep_degenerate: bool = False,
-    sort_by_length: bool = True,
-    query_field: str | None = None,
-    reference_field: str | None = None,
-    input_field: str | None = None,
-    split: str = "train",
-    tokenizer: Any = None,
-    base_urls: str | list[str] | None = None,
-    concurrency: int = 8,
-    tensor_parallel_size: int = 1,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    min_new_tokens: int | None = None,
-    backend_options: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> str:
-    """Self-sample one reply per query into the JSONL `output` (appending, resumable); return the output path.
-
-    `model` is a model folder or hub name (transformers / vLLM backends), the served model name (openai backend), or
-    a loaded model together with `tokenizer=`. `backend_options` go to the backend's constructor (for example
-    `{"max_retries": 2, "timeout": 30}` for openai, engine arguments for vLLM). See the module docstring for the formats, and `<output>.meta.json` for
-    what a run did.
+    Returns where partial last lines were moved to (they are kept, not deleted).
     """
-    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, min_new_tokens)
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}; got {template!r}")
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    output = os.fspath(output)
-    state = process_state()
     existing = [path for path in [output, *shard_paths(output)] if os.path.exists(path)]
     if existing and not resume:
         if not overwrite:
@@ -314,8 +325,162 @@ def build_cache(
         if state.is_main_process:
             for path in existing:
                 os.remove(path)
-        state.wait_for_everyone()
+    state.wait_for_everyone()
+    repaired = []
+    if state.is_main_process:  # a partial line left by a kill, in any file of any earlier run, is moved aside first
+        repaired = [saved for path in [output, *shard_paths(output)] if (saved := repair_tail(path))]
+    state.wait_for_everyone()
+    return repaired
 
+
+def _pending_queries(all_queries: list[Query], output: str, state: Any) -> list[Query]:
+    """Phase 2: the queries no file of this output (nor any shard) answers yet, in query order."""
+    already = done_ids([output, *shard_paths(output)])
+    state.wait_for_everyone()  # every process has read the shards before any process appends to its own
+    return [query for query in all_queries if query.id not in already]
+
+
+def _answer(
+    engine: Backend,
+    queries: list[Query],
+    conversations: list[Conversation],
+    target: str,
+    *,
+    sampling: SamplingConfig,
+    batch_size: int,
+    sort_by_length: bool,
+    keep_degenerate: bool,
+    progress: bool,
+) -> _Tally:
+    """Phase 3: answer every query and append its row to `target`, `batch_size` replies per flushed, fsynced write.
+
+    Prompts are prepared once (rendered, tokenized) and answered longest first if `sort_by_length` (out-of-memory
+    shows up at once, and each batch pads little). Rows go to the file in that order; the replies that came back
+    before an error are written before it is raised.
+    """
+    try:
+        prompts = engine.prepare(conversations, [query.id for query in queries])
+    except PromptRenderError as error:
+        raise DataFormatError(f"{queries[error.index].where}: {error}") from None
+    order = list(range(len(queries)))
+    if sort_by_length:
+        order.sort(key=lambda index: -prompts[index].length)
+    tally, rows, unwritten = _Tally(), [], 0
+    started = time.perf_counter()
+    in_answer_order = [prompts[index] for index in order]
+    with (
+        CacheWriter(target) as writer,
+        contextlib.closing(engine.stream(in_answer_order, sampling)) as replies,  # stopped on an error too
+        tqdm(total=len(queries), unit="row", disable=not progress) as bar,
+    ):
+        try:
+            for index, reply in zip(order, replies, strict=True):
+                tally.tokens += reply.num_tokens
+                tally.hit_max_new_tokens += reply.finish_reason == "length"
+                degenerate = degenerate_reason(reply) is not None
+                tally.kept_degenerate += degenerate and keep_degenerate
+                tally.dropped_degenerate += degenerate and not keep_degenerate
+                if keep_degenerate or not degenerate:
+                    rows.append(_row(queries[index], reply))
+                unwritten += 1
+                if unwritten == batch_size:
+                    batch, rows, unwritten = rows, [], 0  # taken first: a failed write is never written twice
+                    tally.written += writer.write(batch)
+                    bar.update(batch_size)
+                    bar.set_postfix(tokens_per_s=f"{tally.tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        finally:
+            if rows:
+                tally.written += writer.write(rows)
+            bar.update(unwritten)
+    return tally
+
+
+def _row(query: Query, reply: Generation) -> dict[str, Any]:
+    """The cache row of one answered query."""
+    return {
+        "messages": [{"role": "user", "content": query.query}, {"role": "assistant", "content": reply.text}],
+        "id": query.id,
+        "finish_reason": reply.finish_reason,
+        "num_tokens": reply.num_tokens,
+    }
+
+
+def _finalise(
+    output: str,
+    all_queries: list[Query],
+    pending: list[Query],
+    tally: _Tally,
+    described: dict[str, Any],
+    repaired: list[str],
+    started: float,
+    state: Any,
+) -> CacheResult:
+    """Phase 4: add up every process's counts, merge the shards in query order, write `<output>.meta.json`."""
+    parts = gather_object([tally]) if state.num_processes > 1 else [tally]
+    totals = {name: sum(getattr(part, name) for part in parts) for name in asdict(tally)}
+    state.wait_for_everyone()
+    result = CacheResult(
+        path=output,
+        backend=described["backend"],
+        queries=len(all_queries),
+        skipped_already_done=len(all_queries) - len(pending),
+        seconds=round(time.perf_counter() - started, 3),
+        processes=state.num_processes,
+        **totals,
+    )
+    if state.is_main_process:
+        # this run's shards, or an earlier run's left by a kill (the ids in them were skipped above): fold them in
+        merge_shards(output, {query.id: index for index, query in enumerate(all_queries)})
+        meta = {**described, "repaired_partial_lines_saved_to": repaired, "counts": result.counts()}
+        write_json_atomically(f"{output}.meta.json", {**meta, "versions": _versions()})
+    state.wait_for_everyone()
+    return result
+
+
+def build_cache(
+    model: Any,
+    queries: Any,
+    output: str | os.PathLike,
+    *,
+    template: str = "reference",
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    backend: str | BackendOptions = "auto",
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int = 0,
+    min_new_tokens: int | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    limit: int | None = None,
+    keep_degenerate: bool = False,
+    sort_by_length: bool = True,
+    query_field: str | None = None,
+    reference_field: str | None = None,
+    input_field: str | None = None,
+    split: str = "train",
+    tokenizer: Any = None,
+    progress: bool = True,
+    **backend_keywords: Any,
+) -> CacheResult:
+    """Self-sample one reply per query into the JSONL `output` (appending, resumable); return what the run did.
+
+    `model` is a model folder or hub name (transformers / vLLM backends), the served model name (openai backend), or
+    a loaded model together with `tokenizer=`. `backend` is a backend name or a `BackendOptions`; its fields can also
+    be given as keywords (`batch_size=`, `base_urls=`, `concurrency=`, `tensor_parallel_size=`, `dtype=`,
+    `trust_remote_code=`, and `backend_options=` for `extra`: more constructor arguments, for example
+    `{"max_retries": 2, "timeout": 30}` for openai, engine arguments for vLLM), which override it. Each request is
+    seeded from `seed` and its query's id (`delia.generation.request_seed`). The result stands for the output path
+    (`os.fspath`, `str`); see the module docstring for the formats, and `<output>.meta.json` for what a run did.
+    """
+    options = BackendOptions.from_keywords(backend, backend_keywords)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, min_new_tokens)
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}; got {template!r}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    output = os.fspath(output)
+    state = process_state()
     started = time.perf_counter()
     all_queries = load_queries(
         queries,
@@ -325,114 +490,41 @@ def build_cache(
         split=split,
         need_reference=template == "reference",
     )[:limit]
-    sharded = state.num_processes > 1
-    target = shard_path(output, state.process_index, state.num_processes) if sharded else output
-    repaired = []
-    if state.is_main_process:  # a partial line left by a kill, in any file of any earlier run, is moved aside first
-        repaired = [saved for path in [output, *shard_paths(output)] if (saved := repair_tail(path))]
-    state.wait_for_everyone()
-    already = done_ids([output, *shard_paths(output)])
-    state.wait_for_everyone()  # every process has read the shards before any process appends to its own
-    pending = [query for query in all_queries if query.id not in already]
+    described = {  # how the rows were made, for the meta file
+        "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+        "backend": options.resolve(model),
+        "queries": str(queries) if isinstance(queries, (str, os.PathLike)) else type(queries).__name__,
+        "template": template,
+        "system_prompt": system_prompt,
+        "sampling": asdict(sampling),
+        "seed": seed,
+        "batch_size": options.batch_size,
+        "sort_by_length": sort_by_length,
+        "keep_degenerate": keep_degenerate,
+    }
+
+    repaired = _resume_or_reset(output, resume, overwrite, state)
+    pending = _pending_queries(all_queries, output, state)
     mine = pending[state.process_index :: state.num_processes]
-
-    if not mine:  # nothing left to answer here: skip loading the model
-        engine = None
-        conversations, order = [], []
-    else:
-        engine, conversations, order = _start_engine(
-            backend,
-            model,
-            mine,
-            template,
-            system_prompt,
-            sort_by_length,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            base_urls=base_urls,
-            concurrency=concurrency,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            seed=seed,
-            backend_options=backend_options,
-        )
-
-    counts = {"written": 0, "dropped_degenerate": 0, "kept_degenerate": 0, "hit_max_new_tokens": 0, "tokens": 0}
-    bar = tqdm(total=len(mine), unit="row", disable=not progress or not state.is_main_process, desc="self-sampling")
-    writer = CacheWriter(target)
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            # Each batch gets its own seed, from its first query's id: independent streams, reproducible runs
-            batch_sampling = replace(sampling, seed=(seed + int(mine[batch[0]].id, 16)) % 2**31)
-            try:
-                replies = engine.generate([conversations[i] for i in batch], batch_sampling)
-            except PromptRenderError as error:
-                raise DataFormatError(f"{mine[batch[error.index]].where}: {error}") from None
-            rows = []
-            for index, reply in zip(batch, replies, strict=True):
-                counts["tokens"] += reply.num_tokens
-                counts["hit_max_new_tokens"] += reply.finish_reason == "length"
-                if degenerate_reason(reply) is not None:
-                    if not keep_degenerate:
-                        counts["dropped_degenerate"] += 1
-                        continue
-                    counts["kept_degenerate"] += 1
-                query = mine[index]
-                rows.append(
-                    {
-                        "messages": [
-                            {"role": "user", "content": query.query},
-                            {"role": "assistant", "content": reply.text},
-                        ],
-                        "id": query.id,
-                        "finish_reason": reply.finish_reason,
-                        "num_tokens": reply.num_tokens,
-                    }
-                )
-            counts["written"] += writer.write(rows)
-            bar.update(len(batch))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(tokens_per_s=f"{counts['tokens'] / elapsed:.0f}")
-    finally:
-        bar.close()
-        writer.close()
-        if engine is not None:
+    tally = _Tally()
+    if mine:  # with nothing left to answer here, the model is not even loaded
+        target = shard_path(output, state.process_index, state.num_processes) if state.num_processes > 1 else output
+        engine = make_backend(options, model, tokenizer=tokenizer, seed=seed)
+        try:
+            tally = _answer(
+                engine,
+                mine,
+                [build_conversation(query.query, query.reference, template, system_prompt) for query in mine],
+                target,
+                sampling=sampling,
+                batch_size=options.batch_size,
+                sort_by_length=sort_by_length,
+                keep_degenerate=keep_degenerate,
+                progress=progress and state.is_main_process,
+            )
+        finally:
             engine.close()
-
-    per_process = gather_object([counts]) if sharded else [counts]
-    totals = {key: sum(part[key] for part in per_process) for key in counts}
-    state.wait_for_everyone()
-    if state.is_main_process:
-        # this run's shards, or an earlier run's left by a kill (the ids in them were skipped above): fold them in
-        merge_shards(output, {query.id: index for index, query in enumerate(all_queries)})
-        totals.update(
-            queries=len(all_queries),
-            skipped_already_done=len(all_queries) - len(pending),
-            seconds=round(time.perf_counter() - started, 3),
-            processes=state.num_processes,
-        )
-        write_json_atomically(
-            f"{output}.meta.json",
-            {
-                "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
-                "backend": engine.name if engine is not None else backend,
-                "queries": str(queries) if isinstance(queries, (str, os.PathLike)) else type(queries).__name__,
-                "template": template,
-                "system_prompt": system_prompt,
-                "sampling": asdict(sampling),
-                "seed": seed,
-                "batch_size": batch_size,
-                "sort_by_length": sort_by_length,
-                "keep_degenerate": keep_degenerate,
-                "repaired_partial_lines_saved_to": repaired,
-                "counts": totals,
-                "versions": _versions(),
-            },
-        )
-    state.wait_for_everyone()
-    return output
+    return _finalise(output, all_queries, pending, tally, described, repaired, started, state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -441,6 +533,7 @@ def build_cache(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `delia build-cache` arguments: the build_cache keywords, spelled --like-this."""
     parser.add_argument("model", help="model folder or hub name (the served model name with --backend openai)")
     parser.add_argument(
         "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
@@ -471,24 +564,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run build_cache from parsed arguments and print the summary; return the counts."""
-    import json
-
-    options = {key: value for key, value in vars(args).items() if key not in ("model", "queries", "output", "command")}
-    options["system_prompt"] = options["system_prompt"] or None
-    output = build_cache(args.model, args.queries, args.output, **options)
-    if not process_state().is_main_process:
-        return {}
-    with open(f"{output}.meta.json", encoding="utf-8") as handle:
-        counts = json.load(handle)["counts"]
-    seconds = max(counts["seconds"], 1e-9)
-    print(
-        f"{output}: {counts['written']} rows written, {counts['skipped_already_done']} skipped as already done, "
-        f"{counts['dropped_degenerate']} dropped as empty or broken, {counts['tokens']} tokens "
-        f"({counts['tokens'] / seconds:.1f} tokens/s) in {counts['seconds']:.1f} s"
-    )
-    return counts
+def run(args: argparse.Namespace) -> CacheResult:
+    """Run build_cache from parsed arguments and print the summary line (main process); return the result."""
+    settings = {key: value for key, value in vars(args).items() if key not in ("model", "queries", "output", "command")}
+    settings["system_prompt"] = settings["system_prompt"] or None
+    result = build_cache(args.model, args.queries, args.output, **settings)
+    if process_state().is_main_process:
+        print(result.summary())
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,14 @@ complete row that only lacks its newline, the newline is added.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO
 
 
 def _last_newline(handle, size: int) -> int:
@@ -97,10 +98,11 @@ class CacheWriter:
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        self.repaired = repair_tail(path)
+        repair_tail(path)  # appends start on a fresh line, whatever an earlier kill left
         self._handle = open(path, "a", encoding="utf-8")
 
     def write(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Append `rows`, one JSON object a line, and return once they are on disk; return how many were written."""
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         self._handle.write(lines)
         self._handle.flush()
@@ -108,6 +110,7 @@ class CacheWriter:
         return lines.count("\n")
 
     def close(self) -> None:
+        """Close the file (every row is already on disk)."""
         self._handle.close()
 
     def __enter__(self) -> CacheWriter:
@@ -118,6 +121,7 @@ class CacheWriter:
 
 
 def shard_path(output: str, rank: int, world_size: int) -> str:
+    """The file process `rank` of `world_size` appends to, merged into `output` at the end."""
     return f"{output}.shard-{rank:05d}-of-{world_size:05d}"
 
 
@@ -147,20 +151,34 @@ def merge_shards(output: str, order: dict[str, int]) -> int:
                 else:
                     rows.setdefault(str(row["id"]), row)
     ordered = sorted(rows.values(), key=lambda row: order.get(str(row["id"]), len(order))) + rows_without_id
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".merge-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, output)
+    _replace_atomically(
+        output, lambda out: out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered)
+    )
     for path in shards:
         os.remove(path)
     return len(ordered)
 
 
 def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".meta-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2)
-        out.write("\n")
-    os.replace(temporary, path)
+    """Write `payload` as indented JSON to `path` in one step: a kill leaves the old file or the new one, never half."""
+    _replace_atomically(path, lambda out: out.write(json.dumps(payload, indent=2) + "\n"))
+
+
+def _replace_atomically(path: str, write: Callable[[TextIO], Any]) -> None:
+    """Write a temporary file next to `path` with `write`, flush and fsync it, then move it over `path`.
+
+    If writing fails, the temporary file is removed and `path` is left as it was.
+    """
+    handle, temporary = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}-"
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise

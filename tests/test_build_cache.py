@@ -17,7 +17,7 @@ from conftest import conversation, write_jsonl
 from delia import DataFormatError
 from delia.build_cache import build_cache, load_queries, query_id
 from delia.cli import main as cli_main
-from delia.generation.base import SamplingConfig
+from delia.generation.base import SamplingConfig, request_seed
 from delia.generation.prompts import PromptRenderer, build_conversation
 from delia.generation.transformers_backend import TransformersBackend
 from delia.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
@@ -89,7 +89,7 @@ def test_only_new_tokens_are_decoded_and_left_padding_is_harmless():
     long = build_conversation("Write a short poem about the sea and the gulls over the harbour", None, "plain", None)
     together = backend.generate([short, long], greedy)
     for messages, reply in zip([short, long], together, strict=True):
-        ids = backend.prompt_ids([messages])[0]
+        ids = backend.prepare([messages], ["0"])[0].token_ids
         with torch.no_grad():
             full = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
         new = full[len(ids) :]
@@ -106,9 +106,10 @@ def test_original_call_signature_and_output_format(tiny_model_dir, tmp_path):
     query_file = write_jsonl(tmp_path / "query_cache.jsonl", queries(10), trailing_newline=False)
     output = tmp_path / "self_sample_cache.jsonl"
     returned = build_cache(str(tiny_model_dir), str(query_file), str(output))  # the original three positionals
-    assert returned == str(output)
+    assert os.fspath(returned) == str(returned) == returned.path == str(output)  # stands for the path, as before
     rows = rows_of(output)
     meta = json.loads(Path(f"{output}.meta.json").read_text())
+    assert returned.counts() == meta["counts"] and returned.backend == meta["backend"] == "transformers"
     assert meta["counts"]["written"] == len(rows) and meta["counts"]["queries"] == 10
     assert meta["counts"]["written"] + meta["counts"]["dropped_degenerate"] == 10
     assert meta["template"] == "reference" and meta["sampling"]["max_new_tokens"] == 512 and meta["versions"]["torch"]
@@ -183,6 +184,21 @@ def test_merging_keeps_rows_without_an_id(tmp_path):
     write_jsonl(tmp_path / "cache.jsonl.shard-00000-of-00001", [{"id": "a", "n": 4}, {"id": "b", "n": 5}])
     assert merge_shards(str(output), {"a": 0, "b": 1}) == 4
     assert [row["n"] for row in rows_of(output)] == [4, 1, 2, 3]
+
+
+def test_json_sidecar_is_synced_then_replaced_in_one_step(tmp_path, monkeypatch):
+    from delia.cache_writer import write_json_atomically
+
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    path = tmp_path / "cache.jsonl.meta.json"
+    write_json_atomically(str(path), {"rows": 1})
+    assert json.loads(path.read_text()) == {"rows": 1} and len(synced) == 1  # on disk before it replaces the old one
+    with pytest.raises(TypeError):
+        write_json_atomically(str(path), {"rows": object()})  # fails midway
+    assert json.loads(path.read_text()) == {"rows": 1}  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # and no temporary file is left behind
 
 
 def _count_lines(path: Path) -> int:
@@ -290,25 +306,92 @@ def test_cli_reports_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert error.startswith("delia build-cache: error:") and "nope.jsonl" in error and "\n" not in error
 
 
+def test_cli_prints_the_summary_from_the_result(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(3))
+    output = tmp_path / "o.jsonl"
+    arguments = ["build-cache", str(tiny_model_dir), str(query_file), str(output), "--max-new-tokens", "3"]
+    module = sys.modules["delia.build_cache"]  # (`delia.build_cache` is also the function's name)
+    monkeypatch.setattr(module, "write_json_atomically", lambda path, payload: None)  # no meta.json to read back
+    assert cli_main([*arguments, "--limit", "2", "--keep-degenerate"]) == 0
+    assert capsys.readouterr().out.startswith(f"{output}: 2 rows written, 0 skipped as already done, 0 dropped")
+
+
+def test_backend_options_in_one_object_or_as_keywords(tiny_model_dir, tmp_path):
+    from delia.build_cache import BackendOptions
+
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(3))
+    options = BackendOptions("transformers", batch_size=2)
+    result = build_cache(tiny_model_dir, query_file, tmp_path / "a.jsonl", backend=options, max_new_tokens=3)
+    meta = json.loads((tmp_path / "a.jsonl.meta.json").read_text())
+    assert result.backend == meta["backend"] == "transformers" and meta["batch_size"] == 2
+    build_cache(tiny_model_dir, query_file, tmp_path / "b.jsonl", backend=options, batch_size=1, max_new_tokens=3)
+    assert json.loads((tmp_path / "b.jsonl.meta.json").read_text())["batch_size"] == 1  # a keyword given wins
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):
+        build_cache(tiny_model_dir, query_file, tmp_path / "c.jsonl", batchsize=2)
+    with pytest.raises(ValueError, match="concurrency must be a positive integer, got 0"):
+        build_cache(tiny_model_dir, query_file, tmp_path / "c.jsonl", concurrency=0)
+    with pytest.raises(ValueError, match="backend must be one of auto, transformers, vllm, openai; got 'tgi'"):
+        build_cache(tiny_model_dir, query_file, tmp_path / "c.jsonl", backend="tgi")
+    assert not (tmp_path / "c.jsonl").exists()
+
+
 def test_sampled_batches_get_their_own_seeds_and_repeat_exactly(tiny_model_dir, tmp_path, monkeypatch):
-    seen: list[tuple[str, int]] = []
-    original = TransformersBackend.generate
-
-    def recording(self, conversations, sampling):
-        seen.append((conversations[0][-1]["content"], sampling.seed))
-        return original(self, conversations, sampling)
-
-    monkeypatch.setattr(TransformersBackend, "generate", recording)
+    seeds: list[int] = []
+    manual_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: (seeds.append(seed), manual_seed(seed))[1])
     query_file = write_jsonl(tmp_path / "q.jsonl", queries(6))
     options = {"batch_size": 2, "max_new_tokens": 4, "keep_degenerate": True, "progress": False}
     build_cache(tiny_model_dir, query_file, tmp_path / "a.jsonl", **options)
-    first_run, seen[:] = list(seen), []
+    ids = [row["id"] for row in rows_of(tmp_path / "a.jsonl")]  # in the order they were answered
+    assert seeds == [request_seed(0, ids[0]), request_seed(0, ids[2]), request_seed(0, ids[4])]  # the batch's first
+    assert len(set(seeds)) == 3  # every batch its own
+    first_run, seeds[:] = list(seeds), []
     build_cache(tiny_model_dir, query_file, tmp_path / "b.jsonl", **options)
-    assert seen == first_run  # the same batches get the same seeds on a rerun
-    assert len({seed for _, seed in first_run}) == len(first_run) == 3  # and every batch its own
+    assert seeds == first_run  # the same batches get the same seeds on a rerun
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()  # so the replies repeat
     build_cache(tiny_model_dir, query_file, tmp_path / "c.jsonl", **{**options, "seed": 1})
     assert (tmp_path / "c.jsonl").read_bytes() != (tmp_path / "a.jsonl").read_bytes()  # and another seed differs
+
+
+def test_a_resumed_run_samples_each_query_as_a_fresh_run_does(tiny_model_dir, tmp_path):
+    """A request's seed comes from its query id, not from its place in the run."""
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(6))
+    options = {"batch_size": 1, "max_new_tokens": 6, "keep_degenerate": True, "progress": False}
+    build_cache(tiny_model_dir, query_file, tmp_path / "fresh.jsonl", **options)
+    build_cache(tiny_model_dir, query_file, tmp_path / "resumed.jsonl", limit=2, **options)
+    build_cache(tiny_model_dir, query_file, tmp_path / "resumed.jsonl", **options)
+    fresh, resumed = rows_of(tmp_path / "fresh.jsonl"), rows_of(tmp_path / "resumed.jsonl")
+    assert len(fresh) == 6 and sorted(fresh, key=lambda row: row["id"]) == sorted(resumed, key=lambda row: row["id"])
+
+
+def test_seed_rule():
+    seeds = {request_seed(seed, request_id) for seed in range(3) for request_id in ("0", "1", "0123456789abcdef")}
+    assert len(seeds) == 9 and all(0 <= seed < 2**31 for seed in seeds)
+    assert request_seed(0, "1") == request_seed(0, "1")  # no process-dependent hashing
+
+
+def test_each_prompt_is_rendered_and_tokenized_once(tiny_model_dir, tmp_path, monkeypatch):
+    """The token ids that sort the prompts are the ones generation starts from: no second rendering or tokenizing."""
+    from transformers import PreTrainedTokenizerBase
+
+    rendered: list[str] = []
+    render = PromptRenderer.render
+    monkeypatch.setattr(
+        PromptRenderer,
+        "render",
+        lambda self, messages, index=0: (rendered.append(messages[-1]["content"]), render(self, messages, index))[1],
+    )
+    tokenizer_calls: list[int] = []
+    tokenize = PreTrainedTokenizerBase.__call__
+    monkeypatch.setattr(
+        PreTrainedTokenizerBase,
+        "__call__",
+        lambda self, text, **options: (tokenizer_calls.append(len(text)), tokenize(self, text, **options))[1],
+    )
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(5))
+    build_cache(tiny_model_dir, query_file, tmp_path / "out.jsonl", batch_size=2, max_new_tokens=3, progress=False)
+    assert sorted(rendered) == sorted(q["messages"][0]["content"] for q in queries(5))  # once each
+    assert tokenizer_calls == [5]  # one call for all five prompts, sorting and generation included
 
 
 def test_generation_leaves_the_callers_rng_and_training_mode_alone():

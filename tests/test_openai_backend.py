@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from delia.generation.base import Generation, SamplingConfig
+from delia.build_cache import query_id
+from delia.generation.base import Generation, SamplingConfig, request_seed
 from delia.generation.openai_backend import OpenAIBackend, ServerRequestError, ServerUnreachableError
 from delia.tiny import save_tiny_model
 
@@ -106,10 +109,14 @@ def test_transformers_serve(transformers_server):
 
 
 class Stub:
-    """A local HTTP server; `respond(n, body) -> (status, json_body)` decides each answer; `requests` records them."""
+    """A local HTTP server; `respond(n, body) -> (status, json_body)` decides each answer; `requests` records them.
+
+    `max_in_flight` is the most requests it was ever answering at once.
+    """
 
     def __init__(self, respond: Callable[[int, dict], tuple[int, dict]]):
         self.requests: list[tuple[str, dict]] = []
+        self.in_flight = self.max_in_flight = 0
         lock, stub = threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -118,13 +125,19 @@ class Stub:
                 with lock:
                     stub.requests.append((self.path, body))
                     number = len(stub.requests)
-                status, answer = respond(number, body)
-                payload = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+                try:
+                    status, answer = respond(number, body)
+                    payload = json.dumps(answer).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                finally:
+                    with lock:
+                        stub.in_flight -= 1
 
             def log_message(self, *args):  # keep the test output quiet
                 pass
@@ -171,7 +184,7 @@ def test_retries_on_503_then_succeeds(stub):
         "max_tokens": 8,
         "temperature": 0.7,
         "top_p": 0.95,
-        "seed": 3,
+        "seed": request_seed(3, "0"),  # the run's seed and the request's id (its position, in a plain generate call)
         "n": 1,
     }
 
@@ -207,6 +220,23 @@ def test_requests_spread_over_servers(stub):
     assert {path for path, _ in first.requests + second.requests} == {"/v1/chat/completions"}
 
 
+def test_a_slow_reply_holds_back_the_order_not_the_sending(stub):
+    more_arrived = threading.Event()
+    held: list[bool] = []
+
+    def first_waits(number: int, body: dict) -> tuple[int, dict]:
+        if number >= 6:
+            more_arrived.set()
+        if body["messages"][-1]["content"] == "0":
+            held.append(more_arrived.wait(10))  # answered only once five later requests have come in
+        return echo(number, body)
+
+    server = stub(first_waits)
+    replies = OpenAIBackend("tiny", server.url, concurrency=2).generate([chat(str(i)) for i in range(8)], SAMPLING)
+    assert [reply.text for reply in replies] == [str(i) for i in range(8)]  # yielded in order all the same
+    assert held == [True] and server.max_in_flight == 2
+
+
 def test_replies_keep_input_order(stub):
     answered: list[str] = []
 
@@ -223,7 +253,8 @@ def test_replies_keep_input_order(stub):
     assert [reply.finish_reason for reply in replies] == ["stop", "length", "stop", "stop"]
     assert [reply.num_tokens for reply in replies] == [1, 1, 1, 1]  # no usage: counted from the text
     assert answered[-1] == "0"  # the first request was answered last
-    assert sorted(body["seed"] for _, body in server.requests) == [3, 4, 5, 6]
+    seeds = {body["messages"][-1]["content"]: body["seed"] for _, body in server.requests}
+    assert seeds == {str(i): request_seed(3, str(i)) for i in range(4)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -275,3 +306,106 @@ def test_server_dying_mid_run_keeps_the_rows_written_so_far(stub, tmp_path):
         )
     kept = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["messages"][0]["content"] for row in kept] == [f"Question {i}" for i in range(4)]
+
+
+def latency_by_query(count: int, low: float, high: float, seed: int = 0) -> dict[str, float]:
+    """A seeded reply latency for each of the queries "Question 0", "Question 1", ..."""
+    rng = random.Random(seed)
+    return {f"Question {i}": rng.uniform(low, high) for i in range(count)}
+
+
+def test_requests_stay_in_flight_across_batches(stub, tmp_path):
+    """batch_size only sets how many replies each write holds: `concurrency` requests stay in flight throughout."""
+    from conftest import conversation, write_jsonl
+
+    from delia import build_cache
+
+    latency = latency_by_query(40, 0.005, 0.05)
+
+    def slow_echo(number: int, body: dict) -> tuple[int, dict]:
+        time.sleep(latency[body["messages"][-1]["content"]])
+        return echo(number, body)
+
+    server = stub(slow_echo)
+    rows = [conversation(f"Question {i}", f"Reference {i}") for i in range(40)]
+    output = tmp_path / "cache.jsonl"
+    options = {"base_urls": server.url, "concurrency": 6, "batch_size": 2, "progress": False}
+    result = build_cache("tiny", write_jsonl(tmp_path / "q.jsonl", rows), output, sort_by_length=False, **options)
+    assert server.max_in_flight == 6  # reaches `concurrency`, never more, with 2 rows per batch
+    written = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
+    assert written == [f"Question {i}" for i in range(40)] and result.written == 40  # in query order, each once
+
+    # per-request seeds: the same whatever the batch boundaries and the answer order
+    first = {body["messages"][-1]["content"]: body["seed"] for _, body in server.requests}
+    server.requests.clear()
+    build_cache("tiny", tmp_path / "q.jsonl", tmp_path / "other.jsonl", **{**options, "batch_size": 5})
+    assert {body["messages"][-1]["content"]: body["seed"] for _, body in server.requests} == first
+    assert first == {query: request_seed(0, query_id(query)) for query in latency}
+
+
+def test_a_failed_request_ends_the_run_and_a_rerun_answers_the_rest_once(stub, tmp_path):
+    from conftest import conversation, write_jsonl
+
+    from delia import build_cache
+
+    latency = latency_by_query(30, 0.005, 0.05)
+    broken = [True]
+
+    def fails_once(number: int, body: dict) -> tuple[int, dict]:
+        query = body["messages"][-1]["content"]
+        time.sleep(latency[query])
+        if broken[0] and query == "Question 13":
+            return 400, {"error": {"message": "this one is refused"}}
+        return echo(number, body)
+
+    server = stub(fails_once)
+    query_file = write_jsonl(tmp_path / "q.jsonl", [conversation(f"Question {i}", f"Ref {i}") for i in range(30)])
+    output = tmp_path / "cache.jsonl"
+    options = {"base_urls": server.url, "concurrency": 4, "batch_size": 3, "sort_by_length": False, "progress": False}
+    with pytest.raises(ServerRequestError, match="this one is refused"):
+        build_cache("tiny", query_file, output, **options)
+    kept = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
+    assert kept == [f"Question {i}" for i in range(len(kept))] and len(kept) <= 13  # the replies before it, in order
+    broken[0] = False
+    result = build_cache("tiny", query_file, output, **options)
+    rows = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
+    assert rows == [f"Question {i}" for i in range(30)]  # each once
+    assert result.skipped_already_done == len(kept) and result.written == 30 - len(kept)
+
+
+@pytest.mark.parametrize("kill_after_rows", [1, 40])
+def test_sigkill_mid_run_then_restart_answers_every_query_once(stub, tmp_path, kill_after_rows):
+    """Killed with requests in flight and replies waiting in the reorder buffer: the restart answers the rest once."""
+    from conftest import conversation, write_jsonl
+
+    latency = latency_by_query(200, 0.02, 0.1)
+
+    def slow_echo(number: int, body: dict) -> tuple[int, dict]:
+        time.sleep(latency[body["messages"][-1]["content"]])
+        return echo(number, body)
+
+    server = stub(slow_echo)
+    rows = [conversation(f"Question {i}", f"Reference {i}") for i in range(200)]
+    query_file = write_jsonl(tmp_path / "q.jsonl", rows)
+    output = tmp_path / "cache.jsonl"
+    command = [sys.executable, "-m", "delia.build_cache", "tiny", str(query_file), str(output), "--backend", "openai"]
+    command += ["--base-url", server.url, "--concurrency", "8", "--batch-size", "3"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while lines_in(output) < kill_after_rows and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    written_before = lines_in(output)
+    assert kill_after_rows <= written_before < 200  # killed mid-run
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    queries = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
+    assert sorted(queries) == sorted(latency) and len(queries) == len(set(queries))  # every query, each once
+    assert f"{200 - written_before} rows written, {written_before} skipped as already done" in finished.stdout
+
+
+def lines_in(path) -> int:
+    """Complete lines written so far (0 before the file exists)."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0

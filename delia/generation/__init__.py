@@ -4,7 +4,7 @@ Backends share one interface (`base.Backend`): `transformers_backend` (in-proces
 (in-process, optional), `openai_backend` (any OpenAI-compatible server over HTTP).
 """
 
-from .base import Backend, Generation, SamplingConfig
+from .base import Backend, Generation, Prompt, SamplingConfig, request_seed
 from .prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderer, PromptRenderError, build_conversation
 
 __all__ = [
@@ -12,8 +12,10 @@ __all__ = [
     "TEMPLATES",
     "Backend",
     "Generation",
+    "Prompt",
     "PromptRenderError",
     "PromptRenderer",
     "SamplingConfig",
     "build_conversation",
+    "request_seed",
 ]

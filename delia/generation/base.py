@@ -1,20 +1,23 @@
-"""What every generation backend shares: sampling settings, one generated reply, and the backend interface.
+"""What every generation backend shares: sampling settings, prompts, replies, the seed rule and the backend interface.
 
-A backend turns conversations (lists of {role, content} messages, ending with the user turn to answer) into replies.
-Local backends render the prompt with the tokenizer's chat template (`delia.generation.prompts.render_prompt`) and
-decode only the newly generated tokens; the HTTP backend sends the messages to an OpenAI-compatible server, which
-renders them itself.
+A backend turns conversations (lists of {role, content} messages, ending with the user turn to answer) into replies,
+in two steps: `prepare` makes each conversation ready once (local backends render it with the tokenizer's chat
+template, `delia.generation.prompts.PromptRenderer`, and tokenize it; the HTTP backend sends the messages as they are,
+for the server to render), and `stream` answers the prepared prompts, yielding the replies in the order given.
+`generate` does both for callers that just want a list of replies.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How replies are sampled. `temperature=0` means greedy decoding."""
+    """How replies are sampled. `temperature=0` means greedy decoding; `seed` is the run's seed (see request_seed)."""
 
     max_new_tokens: int = 512
     temperature: float = 0.7
@@ -43,11 +46,45 @@ class Generation:
 Conversation = list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One conversation made ready for one backend, once: its request id, its length for sorting, its rendering."""
+
+    id: str  # the query id in build_cache, the position in a plain `generate` call; it picks the request's seed
+    messages: Conversation
+    length: int  # what build_cache sorts by: tokens (transformers), characters (vLLM, openai)
+    token_ids: list[int] | None = None  # the rendered prompt, tokenized (transformers)
+    text: str | None = None  # the rendered prompt (vLLM)
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """The sampling seed of one request, from the run's seed and the request's id: the one seed rule of every backend.
+
+    A reply's seed depends on neither its batch nor its place in the run, so requests get independent streams and a
+    rerun (or a resumed run) samples each query exactly as before. In [0, 2**31), which every engine accepts.
+    """
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
 class Backend(Protocol):
-    """Generates one reply per conversation, in the order given."""
+    """Generates one reply per conversation; what build_cache calls on a backend, and nothing else."""
 
     name: str
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]: ...
+    def prepare(self, conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Prompt]:
+        """Each conversation ready to answer (rendered, tokenized); a PromptRenderError names the one that fails."""
+        ...
 
-    def close(self) -> None: ...
+    def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
+        """The reply to each prompt, yielded in the order given as soon as it and every earlier one are done."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (an engine, its memory)."""
+        ...
+
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingConfig) -> list[Generation]:
+        """One reply per conversation, in order; request ids are the positions ("0", "1", ...)."""
+        prompts = self.prepare(conversations, [str(index) for index in range(len(conversations))])
+        return list(self.stream(prompts, sampling))

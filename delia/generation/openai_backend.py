@@ -19,13 +19,15 @@ import random
 import threading
 import urllib.error
 import urllib.request
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from delia.generation.base import Conversation, Generation, SamplingConfig
+from delia.generation.base import Backend, Conversation, Generation, Prompt, SamplingConfig, request_seed
 
 # Finish reasons that mean "ran out of tokens"; every other one (stop, eos, tool_calls, null, ...) counts as "stop".
 LENGTH_REASONS = {"length", "max_tokens", "model_length"}
 MAX_DELAY = 60.0  # seconds, the longest single backoff
+LOOKAHEAD = 4  # requests sent ahead of the oldest unanswered one, per request allowed in flight
 
 
 class ServerRequestError(RuntimeError):
@@ -57,7 +59,7 @@ def _error_message(body: bytes) -> str:
     return str(data)
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """Generates replies by POSTing to one or more OpenAI-compatible `/v1/chat/completions` endpoints."""
 
     name = "openai"
@@ -82,41 +84,60 @@ class OpenAIBackend:
         self.endpoints = [_normalize_base_url(url) + "/v1/chat/completions" for url in urls]
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.concurrency = concurrency
+        self.lookahead = LOOKAHEAD * concurrency
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
-        """One reply per conversation, in input order; the first error stops the whole call."""
-        if not conversations:
-            return []
-        abort = threading.Event()  # set on the first failure, so the other workers stop retrying
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(conversations)))
+    def prepare(self, conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Prompt]:
+        """The messages as they are (the server renders them); their length in characters is the sort key."""
+        return [
+            Prompt(request_id, messages, sum(len(message["content"]) for message in messages))
+            for request_id, messages in zip(ids, conversations, strict=True)
+        ]
+
+    def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
+        """Replies in the order given, with `concurrency` requests in flight the whole time, across any batches.
+
+        A reply that comes back before an earlier one waits in a reorder buffer while new requests keep going out, up
+        to `lookahead` past the oldest unanswered one: a slow reply holds back the yielding, not the sending. The first
+        request that fails for good ends the stream: the replies before it that are done are yielded, the requests in
+        flight are abandoned (their retries stop at once), and its error is raised.
+        """
+        abort = threading.Event()  # set when the stream ends early, so the workers stop retrying
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        sent: dict[int, Future[Generation]] = {}  # position -> request, until its reply is yielded
+        finished = False
         try:
-            futures = [
-                pool.submit(self._complete, index, conversation, sampling, abort)
-                for index, conversation in enumerate(conversations)
-            ]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                if future.done() and future.exception() is not None:
-                    abort.set()
-                    raise future.exception()
-            return [future.result() for future in futures]
+            for position in range(len(prompts)):
+                for ahead in range(position + len(sent), min(len(prompts), position + self.lookahead)):
+                    sent[ahead] = pool.submit(self._complete, ahead, prompts[ahead], sampling, abort)
+                head = sent.pop(position)
+                while not head.done():
+                    waiting = [head, *(request for request in sent.values() if not request.done())]
+                    wait(waiting, return_when=FIRST_COMPLETED)
+                    failed = next((r for r in sent.values() if r.done() and r.exception() is not None), None)
+                    if failed is not None and not head.done():
+                        raise failed.exception()
+                yield head.result()
+            finished = True
         finally:
-            pool.shutdown(wait=not abort.is_set(), cancel_futures=True)
+            if not finished:
+                abort.set()
+            pool.shutdown(wait=finished, cancel_futures=True)
 
     def close(self) -> None:
         """Nothing to release: every call opens its own connections and threads."""
 
-    def _complete(self, index: int, conversation: Conversation, sampling: SamplingConfig, abort: threading.Event):
+    def _complete(self, index: int, prompt: Prompt, sampling: SamplingConfig, abort: threading.Event) -> Generation:
+        """One chat completion for `prompt`, seeded by its request id; `index` picks the server."""
         body = {
             "model": self.model,
-            "messages": conversation,
+            "messages": prompt.messages,
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
-            "seed": sampling.seed + index,  # replies differ between conversations but are reproducible
+            "seed": request_seed(sampling.seed, prompt.id),
             "n": 1,
         }
         if sampling.min_new_tokens is not None:
@@ -164,7 +185,8 @@ class OpenAIBackend:
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
             if attempt < self.max_retries:
                 delay = min(MAX_DELAY, max(retry_after, self.backoff * 2**attempt))
-                if abort.wait(delay + random.uniform(0, 0.1 * delay)):
+                jitter = random.Random(f"{index}:{attempt}").uniform(0, 0.1 * delay)  # seeded: requests spread out
+                if abort.wait(delay + jitter):
                     break  # another request failed for good: stop retrying
         raise ServerUnreachableError(
             f"no reply from {', '.join(tried)} after {attempt + 1} attempt(s); last error: {last_error}. "

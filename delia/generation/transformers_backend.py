@@ -1,33 +1,22 @@
 """In-process generation with transformers: batched `generate`, left padding, only the new tokens decoded.
 
-The caller decides the order (build_cache sorts queries by prompt length, so each batch pads little); this backend
-splits what it is given into batches of `batch_size`, in that order, under `torch.inference_mode`.
+Each prompt is rendered and tokenized once (`prepare`); the caller decides the order (build_cache sorts the prompts by
+their token length, so each batch pads little), and `stream` splits what it is given into batches of `batch_size`, in
+that order, under `torch.inference_mode`.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..modeling import load_tokenizer_and_model
-from ..runtime import default_device
-from .base import Conversation, Generation, SamplingConfig
+from .base import Backend, Conversation, Generation, Prompt, SamplingConfig, request_seed
 from .prompts import PromptRenderer, PromptRenderError
 
 
-def load_model_and_tokenizer(
-    model: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None
-) -> tuple[Any, Any]:
-    """A causal LM for generation, in eval mode on `device`, through the one loader in `delia.modeling`."""
-    tokenizer, loaded = load_tokenizer_and_model(
-        model, dtype=dtype, trust_remote_code=trust_remote_code, device=device or default_device()
-    )
-    return loaded.eval(), tokenizer
-
-
-class TransformersBackend:
+class TransformersBackend(Backend):
     """Batched sampling with `model.generate`; decodes only the tokens after each prompt."""
 
     name = "transformers"
@@ -41,30 +30,29 @@ class TransformersBackend:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
 
-    def prompt_ids(self, conversations: list[Conversation]) -> list[list[int]]:
-        """Token ids of each rendered prompt (the chat template adds any BOS itself)."""
-        prompts = [self.renderer.render(messages, index) for index, messages in enumerate(conversations)]
-        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    def prepare(self, conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Prompt]:
+        """Render and tokenize each conversation, once: the ids are both the sort key and what `stream` generates from."""
+        texts = [self.renderer.render(messages, index) for index, messages in enumerate(conversations)]
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # BOS: the template's
+        return [
+            Prompt(request_id, messages, len(tokens), token_ids=tokens)
+            for request_id, messages, tokens in zip(ids, conversations, token_ids, strict=True)
+        ]
+
+    def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
+        """Replies in order, `batch_size` prompts per `model.generate` call, each batch seeded by its first request."""
+        for start in range(0, len(prompts), self.batch_size):
+            yield from self._generate_batch(prompts[start : start + self.batch_size], sampling)
 
     @torch.inference_mode()
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
-        """One reply per conversation, in order; the model is in eval mode meanwhile (no dropout), then as it was."""
-        ids = self.prompt_ids(conversations)
-        replies: list[Generation] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(ids), self.batch_size):
-                replies += self._generate_batch(ids[start : start + self.batch_size], sampling, start)
-        finally:
-            self.model.train(was_training)
-        return replies
-
-    def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig, offset: int) -> list[Generation]:
-        width = max(map(len, batch))
+    def _generate_batch(self, batch: Sequence[Prompt], sampling: SamplingConfig) -> list[Generation]:
+        """One left-padded `model.generate` call; the model is in eval mode meanwhile (no dropout), then as it was."""
+        rows = [prompt.token_ids for prompt in batch]
+        width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in batch], device=self.model.device)
-        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch])
+        device = self.model.device
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
         options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad}
         if sampling.min_new_tokens:
             options["min_new_tokens"] = sampling.min_new_tokens
@@ -72,10 +60,16 @@ class TransformersBackend:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             options.update(do_sample=False, temperature=None, top_p=None)
-        device = self.model.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG is untouched
-            torch.manual_seed(sampling.seed + offset)
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask.to(device), **options)
+        was_training = self.model.training
+        self.model.eval()
+        # One RNG per batch (generate samples every row from it), seeded by the batch's first request; the caller's
+        # RNG is left untouched
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(request_seed(sampling.seed, batch[0].id))
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+        finally:
+            self.model.train(was_training)
         replies = []
         for row in output[:, width:].tolist():
             stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
@@ -85,13 +79,14 @@ class TransformersBackend:
         return replies
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the model belongs to the caller (or to build_cache, which drops it)."""
 
 
 def _as_list(value: Any) -> list[int]:
+    """An eos_token_id setting (None, one id or several) as a list."""
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-__all__ = ["TransformersBackend", "load_model_and_tokenizer", "PromptRenderError"]
+__all__ = ["TransformersBackend", "PromptRenderError"]

@@ -1,4 +1,4 @@
-"""In-process generation with vLLM (`pip install delia[vllm]`), imported only when this backend is chosen.
+"""In-process generation with vLLM (`pip install delia-trl[vllm]`), imported only when this backend is chosen.
 
 A thin adapter: vLLM renders nothing for us, so prompts come from the same chat-template renderer as the transformers
 backend, and vLLM's own batching and scheduling do the rest. vLLM cannot be installed on CPU-only machines, so this
@@ -8,14 +8,15 @@ adapter is not exercised by the test suite; keep it small.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .base import Conversation, Generation, SamplingConfig
+from .base import Backend, Conversation, Generation, Prompt, SamplingConfig, request_seed
 from .prompts import PromptRenderer
 
 
-class VLLMBackend:
-    """`vllm.LLM` in this process; `tensor_parallel_size` is passed through."""
+class VLLMBackend(Backend):
+    """`vllm.LLM` in this process; `tensor_parallel_size` and any other engine argument are passed through."""
 
     name = "vllm"
 
@@ -23,45 +24,59 @@ class VLLMBackend:
         self,
         model: str | os.PathLike,
         *,
+        batch_size: int = 32,
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         trust_remote_code: bool = False,
         seed: int = 0,
         **engine_kwargs: Any,
     ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         try:
             from vllm import LLM
         except ImportError:
-            raise ImportError("backend='vllm' needs vLLM: pip install 'delia[vllm]' (CUDA machines only)") from None
+            raise ImportError("backend='vllm' needs vLLM: pip install 'delia-trl[vllm]' (CUDA machines only)") from None
+        self.batch_size = batch_size
         self.llm = LLM(
             model=os.fspath(model),
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            seed=seed,
+            seed=seed,  # the engine's own seed; every request below also gets its own
             **engine_kwargs,
         )
         self.renderer = PromptRenderer(self.llm.get_tokenizer())
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+    def prepare(self, conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Prompt]:
+        """Render each conversation once with the chat template; its length in characters is the sort key."""
+        prompts = []
+        for index, (request_id, messages) in enumerate(zip(ids, conversations, strict=True)):
+            text = self.renderer.render(messages, index)
+            prompts.append(Prompt(request_id, messages, len(text), text=text))
+        return prompts
+
+    def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
+        """Replies in order, `batch_size` prompts per engine call (so the caller can write each batch as it ends)."""
         from vllm import SamplingParams
 
-        prompts = [self.renderer.render(messages, index) for index, messages in enumerate(conversations)]
-        params = [  # one seed per request (as the openai backend does): a shared seed would correlate the samples
-            SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                min_tokens=sampling.min_new_tokens or 0,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed + index,
-            )
-            for index in range(len(prompts))
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [
-            Generation(out.outputs[0].text, len(out.outputs[0].token_ids), out.outputs[0].finish_reason or "stop")
-            for out in outputs
-        ]
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            params = [  # one seed per request: a shared seed would correlate the samples
+                SamplingParams(
+                    max_tokens=sampling.max_new_tokens,
+                    min_tokens=sampling.min_new_tokens or 0,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    seed=request_seed(sampling.seed, prompt.id),
+                )
+                for prompt in batch
+            ]
+            outputs = self.llm.generate([prompt.text for prompt in batch], params, use_tqdm=False)
+            for out in outputs:
+                reply = out.outputs[0]
+                yield Generation(reply.text, len(reply.token_ids), reply.finish_reason or "stop")
 
     def close(self) -> None:
+        """Drop the engine, so its GPU memory can be freed."""
         del self.llm
