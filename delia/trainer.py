@@ -251,10 +251,12 @@ class DSFTTrainer(SFTTrainer):
                         "tokens": int(tokens[rows].sum()),
                         "loss_tokens": int(loss_tokens[rows].sum()),
                     }
-        else:  # packed (the source column is gone after tokenisation) or streaming (rows unknown up front)
+        elif isinstance(dataset, Dataset):  # packed: the source column is gone after tokenisation
             sources = {"downstream": {"rows": plan.downstream_rows}}
             if plan.diverse_rows:
                 sources["diverse"] = {"rows": plan.diverse_rows}
+        else:  # streaming: rows are not known up front
+            sources = {"downstream": {"rows": None}}
         return {
             "sources": sources,
             "diverse_dataset": self._diverse_description,
