@@ -21,7 +21,7 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 def run_python(*args: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
     """A fresh interpreter that imports this checkout's `delia` (so nothing is imported yet)."""
-    path = os.pathsep.join(p for p in (str(ROOT), extra_path) if p)
+    path = os.pathsep.join(p for p in (extra_path, str(ROOT)) if p)  # extra first: ROOT may hold an egg-info
     env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
