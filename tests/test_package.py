@@ -19,11 +19,11 @@ ROOT = Path(__file__).parents[1]
 HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 
-def run_python(*args: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
+def run_python(*args: str, extra_path: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """A fresh interpreter that imports this checkout's `delia` (so nothing is imported yet)."""
     path = os.pathsep.join(p for p in (extra_path, str(ROOT)) if p)  # extra first: ROOT may hold an egg-info
     env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -102,7 +102,8 @@ def test_version_comes_from_the_installed_distribution(tmp_path):
     info = tmp_path / "delia_trl-9.8.7.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: delia-trl\nVersion: 9.8.7\n")
-    found = run_python("-c", "import delia; print(delia.__version__)", extra_path=str(tmp_path))
+    # from tmp_path: `python -c` puts the working directory first, and a checkout holds the installed egg-info
+    found = run_python("-c", "import delia; print(delia.__version__)", extra_path=str(tmp_path), cwd=tmp_path)
     assert found.stdout.strip() == "9.8.7"
     missing = run_python("-c", "import delia; delia.DISTRIBUTION = 'delia-trl-not-installed'; print(delia.__version__)")
     assert missing.stdout.strip() == "0.0.0+unknown"
