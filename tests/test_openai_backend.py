@@ -129,15 +129,15 @@ class Stub:
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 try:
                     status, answer = respond(number, body)
-                    payload = json.dumps(answer).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
                 finally:
-                    with lock:
+                    with lock:  # before the reply goes out: the client's next request can come straight after it
                         stub.in_flight -= 1
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
             def log_message(self, *args):  # keep the test output quiet
                 pass
