@@ -177,7 +177,7 @@ class BackendOptions:
         settings = dict(keywords)
         if "backend_options" in settings:  # the keyword's name for `extra`
             settings["extra"] = dict(settings.pop("backend_options") or {})
-        unknown = sorted(set(settings) - {setting.name for setting in fields(cls)} - {"name"})
+        unknown = sorted(set(settings) - {setting.name for setting in fields(cls) if setting.name != "name"})
         if unknown:
             raise TypeError(f"build_cache() got an unexpected keyword argument {unknown[0]!r}")
         base = backend if isinstance(backend, BackendOptions) else cls(name=backend)

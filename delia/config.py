@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from trl import SFTConfig
 
+from .data.mixing import SAMPLING_MODES, check_diverse_ratio, check_diverse_sampling
 from .runtime import has_accelerator
-
-SAMPLING_MODES = ("auto", "without_replacement", "with_replacement")
-
-
-def check_diverse_ratio(value: object) -> float:
-    """Return `value` as a float, or raise a ValueError naming it unless it is a finite number >= 0."""
-    try:
-        ratio = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(ratio) or ratio < 0:
-        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}")
-    return ratio
-
-
-def check_diverse_sampling(value: object) -> str:
-    """Return `value` if it names a sampling mode, else raise a ValueError that lists the modes."""
-    if value not in SAMPLING_MODES:
-        raise ValueError(f"diverse_sampling must be one of {', '.join(SAMPLING_MODES)}; got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 @dataclass
@@ -44,9 +24,9 @@ class DSFTConfig(SFTConfig):
         > Parameters that control the diverse mixture
 
         diverse_dataset (`str`, *optional*):
-            The self-sampled diverse cache: a JSONL file of `{"messages": [user, assistant]}` rows (the format
-            `build_cache` writes), a folder saved with `Dataset.save_to_disk`, or a hub dataset name. `None` trains on
-            the downstream rows alone.
+            The self-sampled diverse cache: a JSONL file (`build_cache` writes `{"messages": [user, assistant]}` rows;
+            any form that matches the downstream rows' works), a folder saved with `Dataset.save_to_disk`, or a hub
+            dataset name. `None` trains on the downstream rows alone, exactly as `SFTTrainer` would.
         diverse_ratio (`float`, *optional*, defaults to `100.0`):
             Diverse rows per downstream row: the mixture holds `round(diverse_ratio * len(train_dataset))` diverse rows
             (halves round up). `0` turns mixing off. The paper's `<sep>` checkpoint used `260`.
@@ -56,7 +36,8 @@ class DSFTConfig(SFTConfig):
             when the cache is large enough; otherwise it takes every cache row once and draws the remainder with
             replacement, with one warning that states the counts.
         diverse_seed (`int`, *optional*):
-            Seed of the diverse draw and of the shuffle of the mixture. Defaults to `seed`. The same seed gives the
+            Seed of the diverse draw and of the places the diverse rows take between the downstream rows (which keep
+            their order). Defaults to `seed`. The same seed gives the
             same rows in the same order on every process and every run.
 
         final_reply_only (`bool`, *optional*, defaults to `True`):
@@ -87,7 +68,7 @@ class DSFTConfig(SFTConfig):
     )
     diverse_seed: int | None = field(
         default=None,
-        metadata={"help": "Seed of the diverse draw and the mixture shuffle. Defaults to `seed`."},
+        metadata={"help": "Seed of the diverse draw and of the diverse rows' places. Defaults to `seed`."},
     )
     final_reply_only: bool = field(
         default=True,

@@ -19,11 +19,6 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def default_device() -> str:
-    """ "cuda" when a GPU is visible, else "cpu"."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def process_state():
     """This process's place in an `accelerate launch` / torchrun job (CPU-only jobs need `cpu=True` to see it)."""
     from accelerate import PartialState

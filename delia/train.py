@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import jinja2
 import torch
 import yaml
 from trl import TrlParser
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(model_args, args)
     except (ValueError, OSError, yaml.YAMLError) as error:
         print(f"delia train: error: {error}", file=sys.stderr)
+        return 2
+    except jinja2.TemplateError as error:  # SFTTrainer rendering a row the chat template refuses
+        print(f"delia train: error: the chat template refused a training row: {error}", file=sys.stderr)
         return 2
     trainer.train()
     trainer.save_model()

@@ -1,10 +1,11 @@
 """`DSFTTrainer`: TRL's `SFTTrainer` with DELIA's diverse mixture and per-source loss logging.
 
-At init it loads the downstream rows and the self-sampled diverse cache, mixes them (`delia.data`), records the
-mixture in `output_dir/delia_mixture.json`, and hands the mixed dataset to `SFTTrainer`, which tokenises it and
-builds completion-only labels. During training, the collator is wrapped so each row's `source` reaches
-`compute_loss`, which adds per-source NLL and token counts to running sums; `log()` turns them into
-`loss_downstream` / `loss_diverse` (and `eval_loss_*`) and resets them.
+At init it makes one call into the data layer, `delia.data.prepare_datasets`, which reads the downstream rows and the
+self-sampled diverse cache and mixes them (or, with nothing to mix, hands the rows over as they are), records the
+mixture in `output_dir/delia_mixture.json`, and passes the result to `SFTTrainer`, which tokenises it and builds the
+labels. When something was mixed in, the collator is wrapped so each row's `source` reaches `compute_loss`, which adds
+per-source NLL and token counts to running sums; `log()` turns them into `loss_downstream` / `loss_diverse` (and
+`eval_loss_*`) and resets them.
 """
 
 from __future__ import annotations
@@ -115,9 +116,9 @@ class DSFTTrainer(SFTTrainer):
         tokenizer (*optional*):
             Deprecated alias of `processing_class`, kept because the original DELIA README passes it.
 
-    `train_dataset` and `eval_dataset` may be Datasets or paths / hub names. Rows are conversations
-    (`{"messages": [user, assistant]}`, an optional leading system message); the loss falls on the final assistant
-    reply only, for any chat template.
+    `train_dataset` and `eval_dataset` take every form `SFTTrainer` takes, and also paths / hub names. With no diverse
+    data it trains exactly as `SFTTrainer`, but for one documented difference: conversations train on their final
+    assistant reply only (`DSFTConfig.final_reply_only`, on by default).
     """
 
     _tag_names = ["trl", "sft", "delia"]
@@ -167,6 +168,7 @@ class DSFTTrainer(SFTTrainer):
                 formatting_func=formatting_func,
             )
         self.mixture_plan = prepared.plan
+        self._mixed = prepared.mixed
         self._diverse_description = prepared.diverse_description
         if prepared.split_final_reply:
             logger.info(
@@ -229,7 +231,7 @@ class DSFTTrainer(SFTTrainer):
         sources: dict[str, dict[str, int]] = {}
         dataset = self.train_dataset
         if isinstance(dataset, Dataset) and {"input_ids", "labels"} <= set(dataset.column_names):
-            tagged = "source" in dataset.column_names
+            tagged = self._mixed  # a `source` column of the user's own is not DELIA's tag
             table = dataset.select_columns(["input_ids", "labels"] + (["source"] if tagged else [])).with_format(
                 "arrow"
             )[:]

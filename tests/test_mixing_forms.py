@@ -202,3 +202,35 @@ def test_streaming_downstream_rows_cannot_be_mixed_but_pass_through_at_ratio_zer
 def test_a_dataset_of_no_known_form_is_named():
     with pytest.raises(DataFormatError, match=r"train dataset: no column SFTTrainer can train on \(fields found: 'q'"):
         mix_datasets(Dataset.from_list([{"q": "x"}]), None)
+
+
+def test_review_cases_indices_mapping_clashing_types_source_column_and_sharegpt_cache(tmp_path):
+    """Rows picked through an index mapping are checked as picked; a cache column of another type is left empty with a
+    warning; a downstream `source` column is refused; a ShareGPT cache is checked like a messages cache."""
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "no reply"}]}
+    rows = downstream_rows(3) + [bad]
+    with pytest.raises(DataFormatError, match=r"row 1: field 'messages'\[1\]\.role: expected the conversation to end"):
+        mix_datasets(Dataset.from_list(rows).select([0, 3]), None)
+    assert len(mix_datasets(Dataset.from_list(list(reversed(rows))).select([1, 3]), None)) == 2
+
+    with_ids = Dataset.from_list([dict(row, id=i) for i, row in enumerate(downstream_rows(4))])
+    cache = Dataset.from_list([dict(row, id=f"b{i}") for i, row in enumerate(diverse_rows(8))])
+    with pytest.warns(UserWarning, match=r"left empty in the cache rows: 'id'"):
+        mixed = mix_datasets(with_ids, cache, ratio=1)
+    assert sorted(r["id"] for r in mixed if r["source"] == "downstream") == [0, 1, 2, 3]
+    assert [r["id"] for r in mixed if r["source"] == "diverse"] == [None] * 4
+
+    with pytest.raises(DataFormatError, match=r"has a 'source' column, which DELIA uses"):
+        mix_datasets(Dataset.from_list([dict(r, source="web") for r in downstream_rows(2)]), cache, ratio=1)
+
+    sharegpt = Dataset.from_list([{"conversations": [{"from": "user", "value": "only a question"}]}] * 4)
+    with pytest.raises(DataFormatError, match=r"diverse dataset, row 0: field 'messages'"):
+        mix_datasets(Dataset.from_list(downstream_rows(2)), sharegpt, ratio=1)
+
+
+def test_formatting_func_with_an_eval_set_of_custom_columns_is_left_to_sftrainer():
+    from delia import prepare_datasets
+
+    rows = Dataset.from_list([{"q": q, "ans": a} for q, a in zip(QUESTIONS, ANSWERS, strict=True)])
+    prepared = prepare_datasets(rows, None, rows, formatting_func=lambda row: row["q"] + row["ans"])
+    assert prepared.eval_dataset is rows and prepared.formatting_func is not None

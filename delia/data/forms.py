@@ -12,6 +12,7 @@ rows (`input_ids`). DELIA changes a dataset only where it must:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -74,25 +75,23 @@ def is_conversational_form(form: str) -> bool:
 
 def check_ends_with_assistant(dataset: Dataset, origin: DatasetOrigin) -> None:
     """Every conversation must end with an assistant reply to be split on it; else name the first row that does not."""
-    messages = dataset.data.column("messages")
-    if not _is_message_list(messages.type):
-        for row, conversation in enumerate(dataset["messages"]):
-            _check_last_role(conversation, row, origin)
-        return
     offset = 0
-    for chunk in messages.chunks:
-        lengths = pc.fill_null(pc.list_value_length(chunk), 0).to_numpy(zero_copy_only=False)
-        last_role = np.full(len(chunk), None, dtype=object)
-        has_any = lengths > 0
-        if has_any.any():
-            ends = np.cumsum(lengths)[has_any] - 1
-            roles = pc.struct_field(pc.list_flatten(chunk), "role").take(pa.array(ends)).to_pylist()
-            last_role[has_any] = roles
-        bad = np.flatnonzero(last_role != "assistant")
-        if len(bad):
-            row = offset + int(bad[0])
-            _check_last_role(dataset[row]["messages"], row, origin)
-        offset += len(chunk)
+    for batch in dataset.select_columns(["messages"]).with_format("arrow").iter(batch_size=65_536):
+        messages = batch.column("messages").combine_chunks()
+        if not _is_message_list(messages.type):  # a layout Arrow cannot read roles from: check each row
+            for row, conversation in enumerate(messages.to_pylist(), start=offset):
+                _check_last_role(conversation, row, origin)
+        else:
+            lengths = pc.fill_null(pc.list_value_length(messages), 0).to_numpy(zero_copy_only=False)
+            last_role = np.full(len(messages), None, dtype=object)
+            has_any = lengths > 0
+            if has_any.any():
+                ends = pa.array(np.cumsum(lengths)[has_any] - 1)
+                last_role[has_any] = pc.struct_field(pc.list_flatten(messages), "role").take(ends).to_pylist()
+            bad = np.flatnonzero(last_role != "assistant")
+            if len(bad):
+                _check_last_role(messages[int(bad[0])].as_py(), offset + int(bad[0]), origin)
+        offset += batch.num_rows
 
 
 def _check_last_role(conversation: Any, row: int, origin: DatasetOrigin) -> None:
@@ -136,9 +135,11 @@ def _split_table(table: pa.Table) -> pa.Table:
 
 
 def _split_rows(batch: dict[str, list]) -> dict[str, list]:
-    """The row-by-row `_split_table`, for layouts Arrow cannot slice (and for streaming datasets)."""
+    """The row-by-row `_split_table`, for layouts Arrow cannot slice (and for streaming datasets, checked as they go)."""
     batch = dict(batch)
     conversations = batch.pop("messages")
+    for row, conversation in enumerate(conversations):
+        _check_last_role(conversation, row, DatasetOrigin("streaming dataset (row within its batch)"))
     return {
         "prompt": [messages[:-1] for messages in conversations],
         "completion": [messages[-1:] for messages in conversations],
@@ -237,17 +238,53 @@ def conform_array(array: pa.Array, target: pa.DataType) -> pa.Array:
     return array.cast(target)
 
 
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    """Whether `conform_array` rewrites `source` as `target` for any values (decided on the types alone)."""
+    if source == target or pa.types.is_null(source):
+        return True
+    if pa.types.is_struct(source) and pa.types.is_struct(target):
+        names = {source.field(i).name: source.field(i).type for i in range(source.num_fields)}
+        return all(_castable(names[field.name], field.type) for field in target if field.name in names)
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(check(source) for check in lists) and any(check(target) for check in lists):
+        return _castable(source.value_type, target.value_type)
+    numbers = (pa.types.is_integer, pa.types.is_floating)
+    if pa.types.is_integer(source) and any(check(target) for check in numbers):
+        return True
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    return any(check(source) for check in strings) and any(check(target) for check in strings)
+
+
+def _clashing_columns(dataset: Dataset, schema: pa.Schema) -> list[str]:
+    """Columns of `dataset` whose type `conform_array` cannot rewrite in `schema`'s (e.g. a string `id` vs an int one)."""
+    source = dataset.features.arrow_schema
+    return [
+        field.name
+        for field in schema
+        if field.name in source.names and not _castable(source.field(field.name).type, field.type)
+    ]
+
+
 def conform(dataset: Dataset, features: Features, constants: dict[str, str] | None = None) -> Dataset:
     """`dataset` in the schema `features` (missing columns empty, extra ones dropped), plus constant string columns."""
     schema = features.arrow_schema
     constants = constants or {}
+    clashing = _clashing_columns(dataset, schema)
+    if clashing:
+        warnings.warn(
+            "Columns the downstream rows and the diverse cache hold in types that cannot be reconciled are left empty "
+            "in the cache rows: "
+            + "; ".join(f"{name!r} ({dataset.features[name]} vs {features[name]})" for name in clashing),
+            UserWarning,
+            stacklevel=4,
+        )
 
     def rewrite(table: pa.Table) -> pa.Table:
         columns = {}
         for field in schema:
             if field.name in constants:
                 columns[field.name] = pa.array([constants[field.name]] * table.num_rows, type=field.type)
-            elif field.name in table.column_names:
+            elif field.name in table.column_names and field.name not in clashing:
                 columns[field.name] = conform_array(table.column(field.name).combine_chunks(), field.type)
             else:
                 columns[field.name] = empty_value(field.type, table.num_rows)

@@ -11,20 +11,45 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
-from ..config import check_diverse_ratio, check_diverse_sampling
 from . import forms
 from .reading import DataFormatError, DatasetOrigin, read_dataset
-from .rules import any_format_row_problem, validate_conversations
+from .rules import validate_conversations
 
 logger = logging.getLogger(__name__)
+
+SAMPLING_MODES = ("auto", "without_replacement", "with_replacement")
+
+
+def check_diverse_ratio(value: object) -> float:
+    """Return `value` as a float, or raise a ValueError naming it unless it is a finite number >= 0."""
+    try:
+        ratio = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(ratio) or ratio < 0:
+        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}")
+    return ratio
+
+
+def check_diverse_sampling(value: object) -> str:
+    """Return `value` if it names a sampling mode, else raise a ValueError that lists the modes."""
+    if value not in SAMPLING_MODES:
+        raise ValueError(f"diverse_sampling must be one of {', '.join(SAMPLING_MODES)}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+FORM_COLUMNS = ("messages", "conversations", "prompt", "completion", "input_ids")
+"""Columns SFTTrainer reads a row's form from, before a `text` column."""
 
 SOURCES = ("downstream", "diverse")
 """Values of the `source` column, in the order of the `source_ids` the trainer uses."""
@@ -122,7 +147,7 @@ class PreparedData:
 
 
 def _describe(source: Any) -> str:
-    return source if isinstance(source, str) else f"<in-memory {type(source).__name__}>"
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<in-memory {type(source).__name__}>"
 
 
 def _read(source: Any, label: str) -> tuple[Dataset | IterableDataset, DatasetOrigin]:
@@ -131,7 +156,7 @@ def _read(source: Any, label: str) -> tuple[Dataset | IterableDataset, DatasetOr
         source = source["train"]
     if isinstance(source, IterableDataset):
         return source, DatasetOrigin(label)
-    return read_dataset(source, label, row_problem=any_format_row_problem)
+    return read_dataset(source, label)
 
 
 def _should_split(form: str, final_reply_only: bool, assistant_only_loss: bool) -> bool:
@@ -155,9 +180,10 @@ def _prepare_one(
     formatting_func: Callable[[dict], str] | None,
 ) -> Dataset | IterableDataset:
     """Apply what DELIA changes to one dataset: the formatting function (when mixing) and the final-reply split."""
-    if formatting_func is not None:
+    if formatting_func is not None:  # the row becomes its text; the columns it was made from would win in TRL
         kwargs = {} if isinstance(dataset, IterableDataset) else {"keep_in_memory": True}
-        dataset = dataset.map(lambda row: {"text": formatting_func(row)}, **kwargs)
+        consumed = [name for name in FORM_COLUMNS if name in (dataset.column_names or [])]
+        dataset = dataset.map(lambda row: {"text": formatting_func(row)}, remove_columns=consumed, **kwargs)
     if split:
         if form == forms.FROM_VALUE:
             dataset = _to_chatml(dataset)
@@ -168,14 +194,11 @@ def _prepare_one(
 
 
 def _tag_eval(dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
-    """Eval rows count as downstream unless they carry their own `source` tags."""
-    if not isinstance(dataset, Dataset):
+    """Eval rows count as downstream unless they carry their own `source` column (values other than SOURCES are
+    left out of the per-source eval losses)."""
+    if not isinstance(dataset, Dataset) or "source" in dataset.column_names:
         return dataset
-    if "source" in dataset.column_names and set(dataset.unique("source")) <= set(SOURCES):
-        return dataset
-    if "source" in dataset.column_names:
-        dataset = dataset.remove_columns("source")
-    return dataset.add_column("source", ["downstream"] * len(dataset))
+    return dataset.add_column("source", pa.array(["downstream"]).take(np.zeros(len(dataset), dtype=np.int64)))
 
 
 def prepare_datasets(
@@ -211,19 +234,25 @@ def prepare_datasets(
         plan = plan_mixture(rows or 0, 0, 0.0, seed, sampling)
         return PreparedData(
             _prepare_one(train, train_origin, form, split, None),
-            _map_eval(eval_dataset, dataset_text_field, split, None, tag=False),
+            _map_eval(eval_dataset, dataset_text_field, split, None, tag=False, formatted=formatting_func is not None),
             plan,
             formatting_func,
             split,
         )
 
-    cache, cache_origin = read_dataset(diverse_dataset, "diverse dataset", row_problem=any_format_row_problem)
+    if isinstance(train, Dataset) and "source" in train.column_names:
+        raise DataFormatError(
+            f"{train_origin.label}: has a 'source' column, which DELIA uses to tag downstream and diverse rows; "
+            "rename or remove it before mixing"
+        )
+    cache, cache_origin = read_dataset(diverse_dataset, "diverse dataset")
     if formatting_func is not None:
         form = forms.LANGUAGE_MODELING  # what the formatting function makes of each downstream row
-    cache_form = forms.detect_form(cache, dataset_text_field if dataset_text_field in cache.column_names else "text")
-    if cache_form == forms.MESSAGES or (
-        cache_form == forms.CONVERSATIONAL_PROMPT_COMPLETION and forms.is_conversational_form(form)
-    ):
+    text_field = dataset_text_field if dataset_text_field in cache.column_names else "text"
+    cache_form = forms.detect_form(cache, text_field, cache_origin)
+    if cache_form == forms.FROM_VALUE:  # checked, drawn and split as messages, exactly as SFTTrainer converts them
+        cache, cache_form = _to_chatml(cache), forms.MESSAGES
+    if cache_form in (forms.MESSAGES, forms.CONVERSATIONAL_PROMPT_COMPLETION):
         validate_conversations(cache, cache_origin)
     split = _should_split(form, final_reply_only, assistant_only_loss)
     train = _prepare_one(train, train_origin, form, split, formatting_func)
@@ -266,8 +295,6 @@ def _in_form(
     cache: Dataset, cache_form: str, target: str, text_field: str, down: DatasetOrigin, origin: DatasetOrigin
 ) -> Dataset:
     """The drawn cache rows rewritten in the downstream rows' form, or a clear error if that means nothing."""
-    if cache_form == forms.FROM_VALUE:
-        cache, cache_form = _to_chatml(cache), forms.MESSAGES
     if cache_form == target:
         if target == forms.LANGUAGE_MODELING and text_field not in cache.column_names:
             cache = cache.rename_column("text", text_field)
@@ -290,13 +317,22 @@ def _map_eval(
     split: bool,
     formatting_func: Callable[[dict], str] | None,
     tag: bool,
+    formatted: bool = False,
 ) -> Any:
-    """Eval set(s) get the same treatment as the training rows (a dict of them, each)."""
+    """Eval set(s) get the same treatment as the training rows (a dict of them, each).
+
+    `formatted`: SFTTrainer will apply the user's formatting function to them, so their columns are the user's own.
+    """
     if eval_dataset is None:
         return None
     if isinstance(eval_dataset, (dict, DatasetDict, IterableDatasetDict)):
-        return {name: _map_eval(data, text_field, split, formatting_func, tag) for name, data in eval_dataset.items()}
+        return {
+            name: _map_eval(data, text_field, split, formatting_func, tag, formatted)
+            for name, data in eval_dataset.items()
+        }
     dataset, origin = _read(eval_dataset, "eval dataset")
+    if formatted:
+        return dataset
     form = forms.detect_form(dataset, text_field, origin) if formatting_func is None else forms.LANGUAGE_MODELING
     dataset = _prepare_one(dataset, origin, form, split and form in (forms.MESSAGES, forms.FROM_VALUE), formatting_func)
     return _tag_eval(dataset) if tag else dataset

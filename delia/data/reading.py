@@ -488,8 +488,8 @@ def _may_crash_pyarrow(path: str) -> bool:
 
     It crashes on nesting near 10,000 levels, and on a read that starts with `null` (datasets reads in 10 MB
     pieces, each starting at a line). So: a line with more than `CRASH_GUARD_BRACKETS` opening brackets (a line
-    nests no deeper than that), or a line starting with `n`. Counted with numpy in 64 KB chunks, lines inside a
-    chunk bounded together: a few hundredths of a second per 100 MB.
+    nests no deeper than that), or a line whose first non-blank byte is `n`. Counted per line with numpy in 64 KB
+    chunks: a few hundredths of a second per 100 MB.
     """
     carried = 0  # opening brackets of the line that runs on from the previous chunk
     with _open_data(path) as handle:
@@ -499,19 +499,26 @@ def _may_crash_pyarrow(path: str) -> bool:
         previous_ends_line = False
         while chunk:
             data = np.frombuffer(chunk, dtype=np.uint8)
-            line_starts_with_n = (data[1:] == ord("n")) & (data[:-1] == ord("\n"))
-            if line_starts_with_n.any() or (previous_ends_line and chunk.startswith(b"n")):
+            # A line whose first non-blank byte is `n` (JSON strings hold no raw newline, so that is a `null` row):
+            # for each `n`, the last byte before it that is not a space, tab or CR must be a newline.
+            blank = (data == ord(" ")) | (data == ord("\t")) | (data == ord("\r"))
+            last_kept = np.maximum.accumulate(np.where(blank, -1, np.arange(len(data))))
+            at_n = np.flatnonzero(data == ord("n"))
+            before = last_kept[np.maximum(at_n - 1, 0)]
+            after_newline = np.where(at_n == 0, -1, before)
+            if (after_newline >= 0).any() and (data[after_newline[after_newline >= 0]] == ord("\n")).any():
                 return True
-            opening = (data | 0x20) == ord("{")  # "[" is 0x5b and "{" 0x7b: no other byte maps to 0x7b
-            first, last = chunk.find(b"\n"), chunk.rfind(b"\n")
-            if first < 0:
-                carried += int(np.count_nonzero(opening))
-            else:
-                # The line ending in this chunk (with what ran on), all lines inside it together, the line running on.
-                ending = carried + int(np.count_nonzero(opening[:first]))
-                if max(ending, int(np.count_nonzero(opening[first:last]))) > CRASH_GUARD_BRACKETS:
+            if previous_ends_line and chunk.lstrip(b" \t\r").startswith(b"n"):
+                return True
+            opening = np.cumsum((data | 0x20) == ord("{"))  # "[" is 0x5b and "{" 0x7b: no other byte maps to 0x7b
+            newlines = np.flatnonzero(data == ord("\n"))
+            if len(newlines) == 0:
+                carried += int(opening[-1])
+            else:  # opening brackets per line; the first line holds what ran on from the previous chunk
+                per_line = np.diff(opening[newlines], prepend=0)
+                if carried + int(per_line[0]) > CRASH_GUARD_BRACKETS or int(per_line.max()) > CRASH_GUARD_BRACKETS:
                     return True
-                carried = int(np.count_nonzero(opening[last:]))
+                carried = int(opening[-1] - opening[newlines[-1]])
             if carried > CRASH_GUARD_BRACKETS:
                 return True
             previous_ends_line = chunk.endswith(b"\n")

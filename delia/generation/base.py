@@ -60,8 +60,10 @@ class Prompt:
 def request_seed(seed: int, request_id: str) -> int:
     """The sampling seed of one request, from the run's seed and the request's id: the one seed rule of every backend.
 
-    A reply's seed depends on neither its batch nor its place in the run, so requests get independent streams and a
-    rerun (or a resumed run) samples each query exactly as before. In [0, 2**31), which every engine accepts.
+    For the server and vLLM backends a reply's seed depends on neither its batch nor its place in the run, so a rerun
+    (or a resumed run) samples each query exactly as before. The transformers backend samples a whole batch from one
+    generator, seeded by the batch's first request: reproducible for the same batches, not across a regrouping (a
+    resumed run, another batch size). In [0, 2**31), which every engine accepts.
     """
     digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
     return int.from_bytes(digest[:4], "big") >> 1

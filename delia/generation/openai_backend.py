@@ -107,18 +107,17 @@ class OpenAIBackend(Backend):
         abort = threading.Event()  # set when the stream ends early, so the workers stop retrying
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         sent: dict[int, Future[Generation]] = {}  # position -> request, until its reply is yielded
+        failed = False  # once a request has failed for good, nothing new is sent; earlier replies still come out
         finished = False
         try:
             for position in range(len(prompts)):
-                for ahead in range(position + len(sent), min(len(prompts), position + self.lookahead)):
-                    sent[ahead] = pool.submit(self._complete, ahead, prompts[ahead], sampling, abort)
-                head = sent.pop(position)
+                if not failed:
+                    for ahead in range(position + len(sent), min(len(prompts), position + self.lookahead)):
+                        sent[ahead] = pool.submit(self._complete, ahead, prompts[ahead], sampling, abort)
+                head = sent.pop(position)  # the failed request is reached in order: its result() raises
                 while not head.done():
-                    waiting = [head, *(request for request in sent.values() if not request.done())]
-                    wait(waiting, return_when=FIRST_COMPLETED)
-                    failed = next((r for r in sent.values() if r.done() and r.exception() is not None), None)
-                    if failed is not None and not head.done():
-                        raise failed.exception()
+                    wait([head, *(request for request in sent.values() if not request.done())], FIRST_COMPLETED)
+                    failed = failed or any(r.done() and r.exception() is not None for r in sent.values())
                 yield head.result()
             finished = True
         finally:
