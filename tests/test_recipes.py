@@ -84,3 +84,42 @@ def test_ddp_recipe_trains_with_two_cpu_processes(tmp_path):
     assert rows == 32 and (tmp_path / "run" / "adapter_model.safetensors").exists()
     # 2 steps x 2 rows x 2 processes: the final epoch fraction counts both processes' rows
     assert f"'epoch': '{2 * 2 * 2 / rows:.4g}'" in result.stdout, result.stdout[-2000:]
+
+
+ZERO3_PROBE = """
+import json, sys
+import deepspeed, torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from delia import setup_tokenizer_and_model
+
+deepspeed.init_distributed(dist_backend="gloo")
+keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+shard_rows = AutoModelForCausalLM.from_pretrained(sys.argv[1]).get_input_embeddings().weight.shape[0]
+tokenizer, model = setup_tokenizer_and_model(sys.argv[1], quantization=None)
+weight = model.get_input_embeddings().weight
+with deepspeed.zero.GatheredParameters([weight]):
+    full = weight.detach().clone()
+sep = tokenizer.convert_tokens_to_ids("<sep>")
+mean = full[:sep].mean(dim=0)
+print(json.dumps({"shard_rows": shard_rows, "sep_is_mean": bool(torch.allclose(full[sep], mean, atol=1e-6))}))
+"""
+
+
+def test_new_token_rows_are_set_when_deepspeed_zero3_partitions_the_model(tmp_path):
+    """Under ZeRO-3 the model loads partitioned (each process holds an empty shard): <sep> still gets the mean row."""
+    pytest.importorskip("deepspeed")
+    save_tiny_model(tmp_path / "model", "chatml", tie_word_embeddings=False)
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO3_PROBE, str(tmp_path / "model")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["shard_rows"] == 0  # the situation under test: the loaded embedding is an empty shard
+    assert probe["sep_is_mean"]
