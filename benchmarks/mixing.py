@@ -34,8 +34,19 @@ memory only) every 10 ms and reports its peak, with the RSS right after the impo
 After the measurements of each state, one more child times the steps inside mix_datasets one by one (the same calls
 in the same order, from delia.data), to show where the time goes; --no-breakdown skips it.
 
+--large is the scale check (not the default run): a 10,000,000-row cache (about 6 GiB of JSONL, and as much again
+once datasets converts it to Arrow; the free disk is checked first) mixed at ratio 100 into 1,000 downstream rows,
+warm state, three measurements of each kind. Its conversion run is a cold load+mix and is printed in full. The
+figure to watch is the process's own memory growth (RssAnon), which must stay far below the cache's size: nothing
+on delia's path may hold the rows in Python memory. The files are written under a temporary folder and deleted
+afterwards (a --workdir is kept). Any option given with --large wins over the preset.
+
+Every child imports the delia of this checkout (the repository root goes first on its PYTHONPATH), not an installed
+one; the first result prints which.
+
     python benchmarks/mixing.py                     # 1,000,000 rows, both states, 5 repeats each
     python benchmarks/mixing.py --rows 200000 --state warm --repeats 5
+    python benchmarks/mixing.py --large             # 10,000,000 rows (several GB on disk, several minutes)
 """
 
 from __future__ import annotations
@@ -65,10 +76,13 @@ parser.add_argument("--state", default="cold,warm", help="comma-separated: cold,
 parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the step-by-step timing")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--workdir", default=None, help="where to write the files (default: a temporary folder)")
+parser.add_argument("--large", action="store_true", help="the 10,000,000-row scale check (see the docstring)")
 parser.add_argument("--child", choices=["load", "mix", "breakdown"], help=argparse.SUPPRESS)
 parser.add_argument("--cache", help=argparse.SUPPRESS)
 parser.add_argument("--downstream", help=argparse.SUPPRESS)
 parser.add_argument("--warmup", help=argparse.SUPPRESS)
+if "--large" in sys.argv[1:]:  # the preset fills the defaults, so an option given beside it still wins
+    parser.set_defaults(rows=10_000_000, downstream_rows=1000, repeats=3, state="warm")
 args = parser.parse_args()
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,6 +127,7 @@ def child() -> None:
     report = {
         "rss_after_imports_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "anon_after_imports_mb": rss_kb("RssAnon") / 1024,
+        "delia": os.path.dirname(delia.__file__),
     }
     if args.child == "breakdown":
         report["steps"] = breakdown(args.downstream, args.cache)
@@ -187,31 +202,74 @@ WORDS = (
 
 def text_pool(rng: np.random.Generator, chars: int) -> str:
     words = rng.choice(np.array(WORDS, dtype=object), size=chars // 4)
-    return " ".join(words)[:chars]
+    pool = " ".join(words)[:chars]
+    assert not set(pool) & set('"\\'), "the pool is pasted into JSON strings unescaped"
+    return pool
 
 
-def write_rows(path: str, rows: int, rng: np.random.Generator, system_share: float = 0.05) -> None:
-    """Conversational rows with log-uniform lengths: user 10-500 characters, assistant 20-2000."""
+ROW_START = '{"messages": ['
+SYSTEM_MESSAGE = '{"role": "system", "content": "You are a helpful assistant."}, '
+USER_START = '{"role": "user", "content": "'
+REPLY_START = '"}, {"role": "assistant", "content": "'
+ROW_END = '"}]}\n'
+MEAN_ROW_BYTES = 670  # measured on these rows: a guess at the file size before it is written
+
+
+def write_rows(
+    path: str, rows: int, rng: np.random.Generator, system_share: float = 0.05, chunk_rows: int = 500_000
+) -> None:
+    """Conversational rows with log-uniform lengths: user 10-500 characters, assistant 20-2000.
+
+    The contents are slices of one random text pool (words with no quote or backslash, so no JSON escaping is
+    needed) pasted into a fixed line template, half a million rows per write: 10,000,000 rows take minutes, not hours.
+    """
     pool = text_pool(rng, 4_000_000)
-    user_len = np.exp(rng.uniform(np.log(10), np.log(500), rows)).astype(int)
-    reply_len = np.exp(rng.uniform(np.log(20), np.log(2000), rows)).astype(int)
-    user_at = rng.integers(0, len(pool) - 500, rows)
-    reply_at = rng.integers(0, len(pool) - 2000, rows)
-    with_system = rng.random(rows) < system_share
-
-    def piece(at: int, length: int) -> str:
-        return pool[at : at + length].strip() or "x"
-
     with open(path, "w", encoding="utf-8") as out:
-        for i in range(rows):
-            messages = [{"role": "system", "content": "You are a helpful assistant."}] if with_system[i] else []
-            messages.append({"role": "user", "content": piece(user_at[i], user_len[i])})
-            messages.append({"role": "assistant", "content": piece(reply_at[i], reply_len[i])})
-            out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        for start in range(0, rows, chunk_rows):
+            count = min(chunk_rows, rows - start)
+            user_len = np.exp(rng.uniform(np.log(10), np.log(500), count)).astype(int)
+            reply_len = np.exp(rng.uniform(np.log(20), np.log(2000), count)).astype(int)
+            user_at = rng.integers(0, len(pool) - 500, count)
+            reply_at = rng.integers(0, len(pool) - 2000, count)
+            with_system = rng.random(count) < system_share
+            out.write(
+                "".join(
+                    ROW_START
+                    + (SYSTEM_MESSAGE if system else "")
+                    + USER_START
+                    + (pool[u : u + u_len].strip() or "x")
+                    + REPLY_START
+                    + (pool[r : r + r_len].strip() or "x")
+                    + ROW_END
+                    for system, u, u_len, r, r_len in zip(
+                        with_system.tolist(),
+                        user_at.tolist(),
+                        user_len.tolist(),
+                        reply_at.tolist(),
+                        reply_len.tolist(),
+                        strict=True,
+                    )
+                )
+            )
+
+
+def check_free_disk(folder: str, needed: int) -> None:
+    """Refuse to start when the JSONL and its Arrow copy would not fit, rather than fill the disk."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SystemExit(
+            f"FAIL: {folder} has {free / 2**30:.1f} GiB free; --rows {args.rows:,} needs about {needed / 2**30:.1f} "
+            "GiB (the JSONL, its Arrow copy and a margin); pass --workdir on a larger disk or fewer --rows"
+        )
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_child(kind: str, hf_cache: str) -> dict:
-    env = dict(os.environ, HF_DATASETS_CACHE=hf_cache, HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    # the checkout's delia, not whichever one is installed: the child's sys.path starts at benchmarks/
+    python_path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_DATASETS_CACHE=hf_cache, HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONPATH=python_path)
     command = [sys.executable, os.path.abspath(__file__), "--child", kind, "--cache", cache_path]
     command += ["--downstream", downstream_path, "--warmup", warmup_path, "--ratio", str(args.ratio)]
     command += ["--seed", str(args.seed)]
@@ -219,7 +277,14 @@ def run_child(kind: str, hf_cache: str) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"FAIL: {kind} child exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    result = json.loads(lines[-1][len("RESULT ") :])
+    if result["delia"] not in delia_seen:
+        delia_seen.add(result["delia"])
+        print(f"measuring delia from {result['delia']}")
+    return result
+
+
+delia_seen: set[str] = set()
 
 
 def remove_map_outputs(hf_cache: str) -> None:
@@ -237,6 +302,7 @@ cache_path = os.path.join(workdir, "diverse.jsonl")
 downstream_path = os.path.join(workdir, "downstream.jsonl")
 warmup_path = os.path.join(workdir, "warmup.jsonl")
 try:
+    check_free_disk(workdir, int(2.5 * MEAN_ROW_BYTES * args.rows) + 2**30)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     write_rows(cache_path, args.rows, rng)
@@ -260,9 +326,14 @@ try:
             print(f"[cold] warm-up run of load (not counted): {warmup['seconds']:.2f} s")
         if state == "warm":
             warm_cache = tempfile.mkdtemp(prefix="hf-warm-", dir=workdir)
-            converted = run_child("mix", warm_cache)  # converts both JSONL files
+            converted = run_child("mix", warm_cache)  # converts both JSONL files: a cold load+mix
             remove_map_outputs(warm_cache)
-            print(f"[warm] converted both files to Arrow once beforehand: {converted['seconds']:.1f} s (not counted)")
+            convert_growth = converted["peak_anon_mb"] - converted["anon_after_imports_mb"]
+            print(
+                f"[warm] converted both files to Arrow once beforehand (a cold load+mix, not counted): "
+                f"{converted['seconds']:.1f} s, {converted['rows']:,} rows, peak RSS {converted['peak_rss_mb']:.0f} MB, "
+                f"peak own memory {converted['peak_anon_mb']:.0f} MB (+{convert_growth:.0f} during the call)"
+            )
         for repeat in range(args.repeats):
             for kind in ("load", "mix") if repeat % 2 == 0 else ("mix", "load"):
                 hf_cache = warm_cache or tempfile.mkdtemp(prefix="hf-cold-", dir=workdir)
@@ -295,7 +366,7 @@ try:
         elif warm_cache:
             shutil.rmtree(warm_cache)
         load, mix = statistics.median(times["load"]), statistics.median(times["mix"])
-        summary[state] = (mix / load, max(mix_rss), max(anon_growth))
+        summary[state] = (mix / load, max(mix_rss), max(anon_growth), mix)
         print(
             f"[{state}] median load {load:.2f} s, median load+mix {mix:.2f} s, ratio {mix / load:.3f}; load+mix peak "
             f"RSS {max(mix_rss):.0f} MB ({statistics.median(after_imports):.0f} MB of it is the imports: torch, "
@@ -308,5 +379,8 @@ finally:
 
 for state in states[1:]:
     print(f"[{state}] ratio={summary[state][0]:.3f}")
-ratio, peak_rss, own_growth = summary[states[0]]
-print(f"ratio={ratio:.3f} peak_rss_mb={peak_rss:.0f} own_mem_growth_mb={own_growth:.0f} cache_mb={cache_mb:.0f}")
+ratio, peak_rss, own_growth, mix_seconds = summary[states[0]]
+print(
+    f"ratio={ratio:.3f} load_mix_s={mix_seconds:.2f} peak_rss_mb={peak_rss:.0f} own_mem_growth_mb={own_growth:.0f} "
+    f"cache_mb={cache_mb:.0f} rows={args.rows}"
+)

@@ -142,7 +142,8 @@ def add_new_tokens(
     is deterministic. Tokens that already have a row are left as they are. Returns the ids of all `new_tokens`.
     """
     new_tokens = list(new_tokens)
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    old_rows = getattr(weight, "ds_shape", weight.shape)[0]  # DeepSpeed ZeRO-3 leaves each process an empty shard
     trained_rows = min(len(tokenizer), old_rows)  # rows that hold trained embeddings, the reference for init
     vocab = tokenizer.get_vocab()
     fresh = [token for token in new_tokens if token not in vocab]
