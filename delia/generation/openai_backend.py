@@ -116,7 +116,8 @@ class OpenAIBackend(Backend):
                         sent[ahead] = pool.submit(self._complete, ahead, prompts[ahead], sampling, abort)
                 head = sent.pop(position)  # the failed request is reached in order: its result() raises
                 while not head.done():
-                    wait([head, *(request for request in sent.values() if not request.done())], FIRST_COMPLETED)
+                    pending = [head, *(request for request in sent.values() if not request.done())]
+                    wait(pending, return_when=FIRST_COMPLETED)
                     failed = failed or any(r.done() and r.exception() is not None for r in sent.values())
                 yield head.result()
             finished = True
