@@ -237,6 +237,29 @@ def test_a_slow_reply_holds_back_the_order_not_the_sending(stub):
     assert held == [True] and server.max_in_flight == 2
 
 
+def test_a_failure_behind_a_slow_reply_still_yields_every_reply_before_it(stub):
+    """Request 3 fails while request 0 is still being answered: 0, 1 and 2 come out, then the error."""
+    failed = threading.Event()
+
+    def slow_first_then_refuse_third(number: int, body: dict) -> tuple[int, dict]:
+        text = body["messages"][-1]["content"]
+        if text == "0":
+            failed.wait(10)  # answered only after request 3 was refused
+        if text == "3":
+            failed.set()
+            return 400, {"error": {"message": "refused"}}
+        return echo(number, body)
+
+    server = stub(slow_first_then_refuse_third)
+    backend = OpenAIBackend("tiny", server.url, concurrency=4)
+    prompts = backend.prepare([chat(str(i)) for i in range(8)], [str(i) for i in range(8)])
+    seen = []
+    with pytest.raises(ServerRequestError, match="refused"):
+        for reply in backend.stream(prompts, SAMPLING):
+            seen.append(reply.text)
+    assert seen == ["0", "1", "2"] and failed.is_set()
+
+
 def test_replies_keep_input_order(stub):
     answered: list[str] = []
 
