@@ -351,8 +351,8 @@ class DSFTTrainer(SFTTrainer):
         """Watch an eval forward for the tracked tokens' loss; no-op in training or without `track_tokens`."""
         if self._token_loss is None or model.training:
             return contextlib.nullcontext()
-        model = self.accelerator.unwrap_model(model)
-        return self._token_loss.capture(model, inputs, gather=self.accelerator.gather_for_metrics)
+        unwrapped = self.accelerator.unwrap_model(model)
+        return self._token_loss.capture(unwrapped, inputs, gather=self.accelerator.gather_for_metrics, called=model)
 
     def evaluate(self, *args, **kwargs):
         if self._token_loss is not None:

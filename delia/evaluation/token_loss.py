@@ -5,9 +5,10 @@ predicts `<sep>` itself and the tokens of the format it stands for (the `'` of `
 with `track_tokens=[...]` logs, at every evaluation, the mean NLL of each tracked token over every position where it is
 the next token, prompt or completion alike (`<sep>` lives in the prompt, so the label mask is not used; padding is).
 
-It costs no extra forward: `TokenLossTracker.capture` catches the backbone's last hidden states during the eval
-forward that computes the loss (a forward hook), and projects through the LM head only the positions just before a
-tracked token. Nothing of size (batch, length, vocabulary) is built.
+It costs no extra forward: `TokenLossTracker.capture` catches, with forward hooks, the backbone's last hidden states and
+the per-token log-probs of the eval forward that computes the loss (TRL's fused LM head scores the completion tokens).
+Occurrences in the completion are read from those log-probs; the others (the prompt's) are projected through the LM
+head at those positions only. Nothing of size (batch, length, vocabulary) is built.
 """
 
 from __future__ import annotations
@@ -88,29 +89,52 @@ def valid_targets(
     return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
 
 
+def known_log_probs(
+    output: Any, input_ids: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The eval forward's own next-token log-probs (TRL's fused LM head) and where they score input_ids[:, t].
+
+    The fused head returns log p(labels[:, t]) at labelled positions only; where that label is the input token, it is
+    the number the tracker needs. Returns (log_probs, known), both (batch, length - 1), or None when unavailable.
+    """
+    log_probs, mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
+    if log_probs is None or mask is None or labels is None or log_probs.shape != input_ids[:, 1:].shape:
+        return None
+    return log_probs, mask & (labels[:, 1:] == input_ids[:, 1:]).to(mask.device)
+
+
 def tracked_token_nll(
     hidden_states: torch.Tensor,
     input_ids: torch.Tensor,
     token_ids: torch.Tensor,
     valid: torch.Tensor,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_positions: int = CHUNK_POSITIONS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NLL of every tracked token occurrence: (rows, target positions, index into token_ids, nll), in row-major order.
 
     `hidden_states` are the backbone's last hidden states (batch, length, hidden); position t - 1 predicts
-    input_ids[:, t]. Only those positions go through `logits_fn` (the LM head), in chunks, in float32.
+    input_ids[:, t]. Occurrences the eval forward already scored (`known`, from `known_log_probs`) are read from it;
+    the others go through `logits_fn` (the LM head) at those positions only, in chunks, in float32.
     """
     token_ids = token_ids.to(input_ids.device)
     hits = torch.isin(input_ids[:, 1:], token_ids) & valid
     rows, before = hits.nonzero(as_tuple=True)
     targets = input_ids[rows, before + 1]
     nll = torch.empty(len(rows), dtype=torch.float32, device=input_ids.device)
-    for start in range(0, len(rows), chunk_positions):
-        end = start + chunk_positions
-        logits = logits_fn(hidden_states[rows[start:end], before[start:end]]).float()
-        target_logits = logits.gather(1, targets[start:end, None].to(logits.device)).squeeze(1)
-        nll[start:end] = (logits.logsumexp(dim=-1) - target_logits).to(nll.device)
+    project = torch.ones(len(rows), dtype=torch.bool, device=input_ids.device)
+    if known is not None:
+        log_probs, scored = known
+        reuse = scored[rows, before].to(project.device)
+        nll[reuse] = -log_probs[rows[reuse], before[reuse]].float().to(nll.device)
+        project = ~reuse
+    todo = project.nonzero().squeeze(1)
+    for start in range(0, len(todo), chunk_positions):
+        index = todo[start : start + chunk_positions]
+        logits = logits_fn(hidden_states[rows[index], before[index]]).float()
+        target_logits = logits.gather(1, targets[index, None].to(logits.device)).squeeze(1)
+        nll[index] = (logits.logsumexp(dim=-1) - target_logits).to(nll.device)
     which = (targets[:, None] == token_ids[None, :]).int().argmax(dim=1)
     return rows, before + 1, which, nll
 
@@ -200,34 +224,49 @@ class TokenLossTracker:
         model: torch.nn.Module,
         inputs: Mapping[str, Any],
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        called: torch.nn.Module | None = None,
     ) -> Iterator[None]:
-        """Add the tracked tokens of `inputs` using the first backbone forward run inside the block.
+        """Add the tracked tokens of `inputs` from the first forward run inside the block.
 
-        `gather` combines the per-row sums of every process (the accelerator's `gather_for_metrics`, which also drops
-        the rows repeated to fill the last batch); without it, this process's rows are summed.
+        Hooks catch the backbone's last hidden states (inside `model`) and the output of `called` (the module the
+        trainer calls, default `model`), whose fused log-probs are reused where they score a tracked token. `gather`
+        combines the per-row sums of every process (the accelerator's `gather_for_metrics`, which also drops the rows
+        repeated to fill the last batch); without it, this process's rows are summed.
         """
-        per_row: list[torch.Tensor] = []
-        logits_fn = output_logits_fn(model)
+        hidden: list[torch.Tensor] = []
+        outputs: list[Any] = []
 
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            hidden = _last_hidden_state(output)
-            if per_row or hidden is None:  # only the first forward counts (some eval paths run two)
-                return
-            input_ids = inputs["input_ids"]
-            valid = valid_targets(input_ids, inputs.get("attention_mask"), inputs.get("position_ids"))
-            with torch.no_grad():
-                rows, _, which, nll = tracked_token_nll(hidden.detach(), input_ids, self.ids, valid, logits_fn)
-                per_row.append(per_row_sums(rows, which, nll, input_ids.shape[0], len(self.names)))
+        def keep_hidden(module: torch.nn.Module, args: Any, output: Any) -> None:
+            state = _last_hidden_state(output)
+            if not hidden and state is not None:  # only the first forward counts (some eval paths run two)
+                hidden.append(state.detach())
 
-        handle = backbone_of(model).register_forward_hook(hook)
+        def keep_output(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not outputs:
+                outputs.append(output)
+
+        handles = [
+            backbone_of(model).register_forward_hook(keep_hidden),
+            (called or model).register_forward_hook(keep_output),
+        ]
         try:
             yield
         finally:
-            handle.remove()
-        if per_row:
-            stats = gather(per_row[0]) if gather is not None else per_row[0]
-            self.sums += stats.sum(dim=0).view(2, -1).double().cpu()
-            self.batches += 1
+            for handle in handles:
+                handle.remove()
+        if not hidden:
+            return
+        input_ids = inputs["input_ids"]
+        valid = valid_targets(input_ids, inputs.get("attention_mask"), inputs.get("position_ids"))
+        known = known_log_probs(outputs[0], input_ids, inputs.get("labels")) if outputs else None
+        with torch.no_grad():
+            rows, _, which, nll = tracked_token_nll(
+                hidden[0], input_ids, self.ids, valid, output_logits_fn(model), known
+            )
+            stats = per_row_sums(rows, which, nll, input_ids.shape[0], len(self.names))
+        stats = gather(stats) if gather is not None else stats
+        self.sums += stats.sum(dim=0).view(2, -1).double().cpu()
+        self.batches += 1
 
     def pop(self) -> dict[str, tuple[float, int]] | None:
         """{token: (NLL sum, count)} since the last reset, then reset; None when no batch was seen."""
