@@ -107,12 +107,15 @@ def test_jsonl_goes_to_output_dir_one_line_per_evaluation(
     monkeypatch.chdir(elsewhere)
     trainer = tracking_trainer(make_tokenizer, make_model, make_config, left=False, peft=False, track=["<sep>"])
     first, second = trainer.evaluate(), trainer.evaluate()
+    path = tmp_path / "run" / TOKEN_LOSS_FILE
+    with open(path, "a") as handle:
+        handle.write('{"step": 7, "tok')  # a run killed in the middle of a line
     trainer.predict(trainer.eval_dataset)  # predict() logs nothing and must not leak into the next evaluation
     third = trainer.evaluate()
     assert first["eval_token_loss/<sep>"] == pytest.approx(second["eval_token_loss/<sep>"], rel=1e-6)
     assert third["eval_token_loss/<sep>"] == pytest.approx(first["eval_token_loss/<sep>"], rel=1e-6)
-    path = tmp_path / "run" / TOKEN_LOSS_FILE
     records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (tmp_path / "run" / f"{TOKEN_LOSS_FILE}.partial").read_text() == '{"step": 7, "tok\n'
     assert len(records) == 3 and all(record["tokens"]["<sep>"]["count"] == 5 for record in records)
     assert list(elsewhere.iterdir()) == []
     logged = [entry for entry in trainer.state.log_history if "eval_token_loss/<sep>" in entry]

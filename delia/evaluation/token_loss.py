@@ -302,9 +302,15 @@ def token_loss_record(
 
 
 def append_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON line in a single write, flushed and fsynced: earlier lines are never touched."""
+    """Append one JSON line in a single write, flushed and fsynced: earlier lines are never touched.
+
+    A partial last line left by a killed run is first moved to `<path>.partial`, so the new line starts a line.
+    """
+    from ..cache_writer import repair_tail
+
     line = json.dumps(record, allow_nan=False) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    repair_tail(os.fspath(path))
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
