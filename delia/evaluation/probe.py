@@ -353,16 +353,23 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="delia probe", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model folders / hub names, or LoRA adapter (run) folders")
     parser.add_argument("--base", default=None, help="base model of the adapters (default: their adapter_config)")
     parser.add_argument("--prompts", default=None, help="DELIA conversations whose user turns use the token")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    parser.add_argument("--limit", type=_positive, default=None, help="use the first N prompts")
     parser.add_argument("--token", default="<sep>")
     parser.add_argument("--explicit", default=EXPLICIT_FORMAT, help="the format written out, replacing the token")
     parser.add_argument("--output", default="runs/probe", help="folder for probe.json and probe.png")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--quantization", default="none", help="none (default), auto, 8bit or 4bit")
     options = parser.parse_args(argv)
     import datasets
