@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
         prepare_datasets,
         validate_conversations,
     )
+    from .evaluation.plots import plot_runs
+    from .evaluation.probe import run_probe
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .trainer import DSFTTrainer, SourceTaggingCollator
@@ -57,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "plan_mixture": "delia.data",
     "prepare_datasets": "delia.data",
     "validate_conversations": "delia.data",
+    "run_probe": "delia.evaluation.probe",
+    "plot_runs": "delia.evaluation.plots",
 }
 
 __all__ = [
@@ -72,7 +76,9 @@ __all__ = [
     "load_conversations",
     "mix_datasets",
     "plan_mixture",
+    "plot_runs",
     "prepare_datasets",
+    "run_probe",
     "setup_tokenizer_and_model",
     "validate_conversations",
 ]

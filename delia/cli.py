@@ -3,6 +3,8 @@
 delia demo [--model M] [--output DIR] [--ratio R] [--seed S]   the whole method on bundled data (delia.demo)
 delia train --config recipe.yaml | [options]                   train with DSFTTrainer (delia.train)
 delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the diverse cache (delia.build_cache)
+delia probe BASE TRAINED [options]                             <sep> against the explicit format (delia.evaluation.probe)
+delia plot RUN_DIR [RUN_DIR ...] [--output DIR]                loss, token-loss, eval-metric curves (delia.evaluation.plots)
 """
 
 from __future__ import annotations
@@ -29,7 +31,25 @@ def _build_cache(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo, "train": _train, "build-cache": _build_cache}
+def _probe(argv: list[str]) -> int:
+    from .evaluation.probe import main
+
+    return main(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from .evaluation.plots import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _demo,
+    "train": _train,
+    "build-cache": _build_cache,
+    "probe": _probe,
+    "plot": _plot,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

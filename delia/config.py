@@ -12,6 +12,17 @@ from .data.mixing import SAMPLING_MODES, check_diverse_ratio, check_diverse_samp
 from .runtime import has_accelerator
 
 
+def check_track_tokens(value: object) -> list[str | int] | None:
+    """Return `value` as a list of token strings / ids (a lone string is one token), or raise a ValueError naming it."""
+    if value is None or isinstance(value, str | int) and not isinstance(value, bool):
+        return None if value is None else [value]  # type: ignore[list-item]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(token, str | int) and not isinstance(token, bool) and token != "" for token in value
+    ):
+        raise ValueError(f"track_tokens must be a list of token strings or ids, got {value!r}")
+    return list(value) or None
+
+
 @dataclass
 class DSFTConfig(SFTConfig):
     r"""
@@ -52,6 +63,12 @@ class DSFTConfig(SFTConfig):
             Whether to log `loss_downstream` / `loss_diverse` (token-weighted mean NLL over each logging window) and
             `eval_loss_downstream` / `eval_loss_diverse`. Turned off, with a warning, under packing or padding-free
             training, which merge rows of both sources into one sequence.
+        track_tokens (`list[str]`, *optional*):
+            Tokens whose loss is logged at every evaluation, e.g. `["<sep>", "'"]`: the mean NLL of each token over every
+            eval position where it is the next token, prompt or completion (`<sep>` sits in the prompt), padding
+            excluded. Logged as `eval_token_loss/<token>` (no key for a token absent from the eval set) and appended
+            to `output_dir/token_loss.jsonl`, one line per evaluation. A string must be a single token (a vocabulary
+            entry, or text the tokenizer turns into one token); an int is a token id. No extra forward pass.
     """
 
     diverse_dataset: str | None = field(
@@ -78,6 +95,10 @@ class DSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Log loss_downstream / loss_diverse and their eval counterparts."},
     )
+    track_tokens: list[str] | None = field(
+        default=None,
+        metadata={"help": "Tokens whose eval loss is logged (eval_token_loss/<token>, token_loss.jsonl), e.g. <sep>."},
+    )
 
     def __post_init__(self):
         self.check_delia_fields()
@@ -96,6 +117,7 @@ class DSFTConfig(SFTConfig):
         self.diverse_sampling = check_diverse_sampling(self.diverse_sampling)
         if self.diverse_seed is None:
             self.diverse_seed = self.seed
+        self.track_tokens = check_track_tokens(self.track_tokens)
 
 
 def get_training_arguments(

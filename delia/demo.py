@@ -5,7 +5,8 @@
 3. Train with `DSFTTrainer` on the bundled `<sep>` hallucination-judgement rows mixed with the cache at `--ratio`,
    with `<sep>` added as a new token, evaluating on the bundled eval rows.
 4. Write the run folder: the diverse cache, `delia_mixture.json`, `log_history.json`, `loss.png` (per-source and eval
-   loss against step), `summary.json`; print a summary table.
+   loss against step, `delia plot`'s figure), `token_loss.jsonl` (`<sep>`'s eval loss), the trained model and its
+   tokenizer (for `delia probe`), `summary.json`; print a summary table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import PrinterCallback
 
 from .build_cache import build_cache
 from .config import check_diverse_ratio, get_training_arguments
+from .evaluation.plots import plot_loss
 from .lora import get_peft_config
 from .modeling import add_new_tokens, setup_tokenizer_and_model
 from .runtime import start_run_folder
@@ -49,31 +51,6 @@ def build_demo_model(folder: str, seed: int) -> str:
         folder, tokenizer=tokenizer, tie_word_embeddings=False, hidden_size=96, num_hidden_layers=2, seed=seed
     )
     return folder
-
-
-def plot_losses(log_history: list[dict[str, Any]], path: str) -> None:
-    """loss_downstream, loss_diverse and eval loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for key, label, style in (
-        ("loss_downstream", "downstream (train)", "-"),
-        ("loss_diverse", "diverse (train)", "-"),
-        ("eval_loss", "eval (downstream)", "o-"),
-    ):
-        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
-        if points:
-            axes.plot(*zip(*points, strict=True), style, label=label)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("mean NLL per token")
-    axes.set_title("DELIA: loss per source")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _first_last(log_history: list[dict[str, Any]], key: str) -> tuple[float, float]:
@@ -124,6 +101,7 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
         disable_tqdm=True,
         seed=seed,
         diverse_seed=seed,
+        track_tokens=["<sep>"],
     )
     trainer = DSFTTrainer(
         model=loaded,
@@ -142,10 +120,11 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
 def finish_demo(trainer: DSFTTrainer, output: str, started: float) -> dict:
     """Train, then write the log history, the loss plot and the summary into `output`; return the summary."""
     trainer.train()
+    trainer.save_model()  # the trained model (an adapter with --model) and its tokenizer, for `delia probe`
     history = trainer.state.log_history
     with open(os.path.join(output, "log_history.json"), "w", encoding="utf-8") as handle:
         json.dump(history, handle, indent=2)
-    plot_losses(history, os.path.join(output, "loss.png"))
+    plot_loss({os.path.basename(os.path.normpath(output)): history}, os.path.join(output, "loss.png"))
     summary = {
         "rows": {source: stats["rows"] for source, stats in trainer.mixture["sources"].items()},
         "steps": trainer.state.global_step,
@@ -178,7 +157,10 @@ def print_summary(summary: dict) -> None:
     for key in ("loss_downstream", "loss_diverse", "eval_loss"):
         first, last = summary[key]
         print(f"{key:18}{first:>10.4f}{last:>10.4f}")
-    print(f"run folder: {summary['output']} (loss.png, log_history.json, delia_mixture.json, diverse_cache.jsonl)")
+    print(
+        f"run folder: {summary['output']} (loss.png, log_history.json, token_loss.jsonl, delia_mixture.json, "
+        "diverse_cache.jsonl, the trained model)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

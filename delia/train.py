@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trainer.train()
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json (the log history) in output_dir, for `delia plot`
     del trainer
     leave_process_group()  # a clean exit under torchrun / accelerate launch
     return 0

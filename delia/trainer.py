@@ -5,11 +5,13 @@ self-sampled diverse cache and mixes them (or, with nothing to mix, hands the ro
 mixture in `output_dir/delia_mixture.json`, and passes the result to `SFTTrainer`, which tokenises it and builds the
 labels. When something was mixed in, the collator is wrapped so each row's `source` reaches `compute_loss`, which adds
 per-source NLL and token counts to running sums; `log()` turns them into `loss_downstream` / `loss_diverse` (and
-`eval_loss_*`) and resets them.
+`eval_loss_*`) and resets them. With `track_tokens`, each eval forward
+is also watched for the tracked tokens' loss (`delia.evaluation.token_loss`), logged and appended to token_loss.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -30,6 +32,14 @@ from trl.trainer.utils import get_config_model_id
 from .cache_writer import write_json_atomically
 from .config import DSFTConfig
 from .data import SOURCES, MixturePlan, prepare_datasets
+from .evaluation.token_loss import (
+    TOKEN_LOSS_FILE,
+    TokenLossTracker,
+    append_record,
+    backbone_of,
+    token_loss_metrics,
+    token_loss_record,
+)
 from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
 from .runtime import MIXTURE_FILE
 
@@ -210,6 +220,7 @@ class DSFTTrainer(SFTTrainer):
         expose_trainable_token_lm_head_bias(self.model)
         if self._log_per_source:
             self.data_collator = SourceTaggingCollator(self.data_collator)
+        self._token_loss = self._build_token_loss_tracker()
         self.mixture = self._mixture_record()
         for note in prepared.notes:
             logger.info(note)
@@ -279,6 +290,10 @@ class DSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self._token_loss_capture(model, inputs):
+            return self._compute_loss_per_source(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss_per_source(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         source_ids = inputs.pop("source_ids", None)
         if source_ids is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -322,4 +337,40 @@ class DSFTTrainer(SFTTrainer):
             else:
                 loss_key = next((key for key in logs if key.endswith("_loss")), "eval_loss")
                 logs.update(self._pop_source_losses("eval", loss_key[: -len("loss")]))
+        if self._token_loss is not None and not self.model.training:
+            self._log_token_losses(logs)
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Tracked-token loss (args.track_tokens)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _build_token_loss_tracker(self) -> TokenLossTracker | None:
+        if not self.args.track_tokens:
+            return None
+        backbone_of(self.model)  # fails now, naming the model, rather than at the first evaluation
+        return TokenLossTracker.for_tokenizer(self.processing_class, self.args.track_tokens)
+
+    def _token_loss_capture(self, model, inputs):
+        """Watch an eval forward for the tracked tokens' loss; no-op in training or without `track_tokens`."""
+        if self._token_loss is None or model.training:
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(model)
+        return self._token_loss.capture(unwrapped, inputs, gather=self.accelerator.gather_for_metrics, called=model)
+
+    def evaluate(self, *args, **kwargs):
+        if self._token_loss is not None:
+            self._token_loss.reset()  # drop what a predict() call may have left
+        return super().evaluate(*args, **kwargs)
+
+    def _log_token_losses(self, logs: dict[str, float]) -> None:
+        """Add eval_token_loss/<token> to an eval log and append one line to output_dir/token_loss.jsonl."""
+        totals = self._token_loss.pop()
+        if totals is None:  # no eval batch since the last log (e.g. the training summary after an evaluation)
+            return
+        loss_key = next((key for key in logs if key.endswith("_loss")), "eval_loss")
+        prefix = loss_key[: -len("loss")]
+        logs.update(token_loss_metrics(totals, prefix))
+        if self.is_world_process_zero():
+            record = token_loss_record(totals, self.state.global_step, self.state.epoch, prefix)
+            append_record(os.path.join(self.args.output_dir, TOKEN_LOSS_FILE), record)

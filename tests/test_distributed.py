@@ -1,4 +1,5 @@
-"""Two real CPU processes (torchrun, gloo): the same mixture on every rank, per-source losses reduced across ranks."""
+"""Two real CPU processes (torchrun, gloo): the same mixture on every rank, per-source and tracked-token losses
+combined across ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import diverse_rows, downstream_rows
 from datasets import Dataset
 from distributed_worker import mixture_hash
@@ -39,3 +41,11 @@ def test_two_processes_share_the_mixture_and_reduce_per_source_losses(tmp_path):
             if key in first or key in second:
                 assert first[key] == second[key], key
     assert any("loss_downstream" in entry and "loss_diverse" in entry for entry in ranks[0]["logs"])
+
+    # tracked-token loss: the same on both ranks, equal to one process scoring each eval row once (the rows repeated
+    # to fill the last batch are not counted), and one JSONL line written, by the main process only
+    for token in ("<sep>", "'"):
+        assert ranks[0]["eval"][f"eval_token_loss/{token}"] == ranks[1]["eval"][f"eval_token_loss/{token}"]
+        assert ranks[0]["eval"][f"eval_token_loss/{token}"] == pytest.approx(ranks[0]["reference"][token], rel=1e-5)
+    lines = (tmp_path / "token_loss.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["tokens"]["<sep>"]["count"] == 5
