@@ -159,8 +159,20 @@ def merge_shards(output: str, order: dict[str, int]) -> int:
 
 
 def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    """Write `payload` as JSON to `path` all at once: to a temporary file next to it, synced, then moved over it.
+
+    A failure (a full disk, a value json cannot write) leaves `path` as it was and removes the temporary file; a kill
+    may leave a `.meta-*` temporary file, never a half-written `path`.
+    """
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".meta-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2)
-        out.write("\n")
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(payload, out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -71,6 +71,15 @@ class DSFTConfig(SFTConfig):
             Whether to log `loss_downstream` / `loss_diverse` (token-weighted mean NLL over each logging window) and
             `eval_loss_downstream` / `eval_loss_diverse`. Turned off, with a warning, under packing or padding-free
             training, which merge rows of both sources into one sequence.
+
+        > Parameters that control resuming
+
+        allow_mixture_change (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint even if it was trained on another mixture. Each checkpoint folder records the
+            mixture's fingerprint (a hash of the mixed rows in order, and the size and sha256 of the downstream file
+            and the diverse cache) in `delia_checkpoint.json`; by default resuming after one of them changed, or from
+            a checkpoint of another run, or from one without that record (a folder a kill left half-written) is
+            refused with an error naming both fingerprints. `True` resumes anyway, with a warning.
     """
 
     diverse_dataset: str | None = field(
@@ -96,6 +105,10 @@ class DSFTConfig(SFTConfig):
     log_loss_per_source: bool = field(
         default=True,
         metadata={"help": "Log loss_downstream / loss_diverse and their eval counterparts."},
+    )
+    allow_mixture_change: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint even if its mixture fingerprint differs from this run's."},
     )
 
     def __post_init__(self):

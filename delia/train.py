@@ -7,10 +7,12 @@ Every `DSFTConfig` (so every `SFTConfig` / `TrainingArguments`) field is an opti
     delia train --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_dataset train.jsonl \
         --diverse_dataset cache.jsonl --diverse_ratio 100 --output_dir runs/qwen
     delia train --config reproduce_checkpoint/recipe.yaml
+    delia train --config recipe.yaml --resume      # after a pre-emption: on from the last complete checkpoint
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import yaml
 from trl import TrlParser
 
 from .config import DSFTConfig
+from .integrity import checkpoint_folders, last_complete_checkpoint
 from .lora import get_peft_config
 from .modeling import resolve_quantization, setup_tokenizer_and_model
 from .runtime import check_output_dir, leave_process_group, start_run_folder
@@ -42,6 +45,12 @@ class ModelArguments:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     new_tokens: list[str] = field(default_factory=lambda: ["<sep>"], metadata={"help": "special tokens to add"})
     new_token_init: str = field(default="mean", metadata={"help": "mean or random"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "resume from the last complete checkpoint in output_dir (none yet: start from the beginning)"
+        },
+    )
 
 
 def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
@@ -88,19 +97,51 @@ def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     )
 
 
+def checkpoint_to_resume(model_args: ModelArguments, args: DSFTConfig, trainer: DSFTTrainer) -> str | None:
+    """The checkpoint to resume from (`--resume`, or `--resume_from_checkpoint PATH`), checked against the mixture."""
+    if model_args.resume and args.resume_from_checkpoint:
+        raise ValueError("pass --resume (the last checkpoint of --output_dir) or --resume_from_checkpoint, not both")
+    checkpoint = args.resume_from_checkpoint
+    if model_args.resume:
+        checkpoint = last_complete_checkpoint(args.output_dir)
+        if checkpoint is None and args.allow_mixture_change:  # the newest folder, saved to the end or not
+            checkpoint = next(iter(checkpoint_folders(args.output_dir)), None)
+        if checkpoint is None:
+            if trainer.is_world_process_zero():
+                print(f"delia train: no checkpoint in {args.output_dir} yet; training from the start", file=sys.stderr)
+            return None
+    return trainer.resolve_checkpoint(checkpoint)
+
+
+def _show_delia_logs() -> logging.Handler:
+    """Print delia's own INFO messages (the mixture, its fingerprint on every rank) on stderr during the command."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("delia: %(message)s"))
+    package_logger = logging.getLogger("delia")
+    package_logger.addHandler(handler)
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
-    try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
-        model_args, args = parser.parse_args_and_config(argv)
-        trainer = build_trainer(model_args, args)
-    except (ValueError, OSError, yaml.YAMLError) as error:
-        print(f"delia train: error: {error}", file=sys.stderr)
-        return 2
-    trainer.train()
-    trainer.save_model()
-    del trainer
-    leave_process_group()  # a clean exit under torchrun / accelerate launch
-    return 0
+    handler = _show_delia_logs()
+    try:
+        try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
+            model_args, args = parser.parse_args_and_config(argv)
+            trainer = build_trainer(model_args, args)
+            checkpoint = checkpoint_to_resume(model_args, args, trainer)
+        except (ValueError, OSError, yaml.YAMLError) as error:
+            print(f"delia train: error: {error}", file=sys.stderr)
+            return 2
+        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        del trainer
+        leave_process_group()  # a clean exit under torchrun / accelerate launch
+        return 0
+    finally:
+        logging.getLogger("delia").removeHandler(handler)
 
 
 if __name__ == "__main__":
