@@ -12,9 +12,12 @@ Every `DSFTConfig` (so every `SFTConfig` / `TrainingArguments`) field is an opti
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +59,8 @@ class ModelArguments:
 def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     """Check the options, load the model and mix the data: everything a bad input can fail, before any training."""
     check_output_dir(args.output_dir)
+    if model_args.resume and args.resume_from_checkpoint:
+        raise ValueError("pass --resume (the last checkpoint of --output_dir) or --resume_from_checkpoint, not both")
     for option, path in (
         ("--train_dataset", model_args.train_dataset),
         ("--eval_dataset", model_args.eval_dataset),
@@ -99,8 +104,6 @@ def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
 
 def checkpoint_to_resume(model_args: ModelArguments, args: DSFTConfig, trainer: DSFTTrainer) -> str | None:
     """The checkpoint to resume from (`--resume`, or `--resume_from_checkpoint PATH`), checked against the mixture."""
-    if model_args.resume and args.resume_from_checkpoint:
-        raise ValueError("pass --resume (the last checkpoint of --output_dir) or --resume_from_checkpoint, not both")
     checkpoint = args.resume_from_checkpoint
     if model_args.resume:
         checkpoint = last_complete_checkpoint(args.output_dir)
@@ -113,21 +116,34 @@ def checkpoint_to_resume(model_args: ModelArguments, args: DSFTConfig, trainer: 
     return trainer.resolve_checkpoint(checkpoint)
 
 
-def _show_delia_logs() -> logging.Handler:
+def steps_done(checkpoint: str) -> int | None:
+    """The optimizer steps a checkpoint holds (its trainer_state.json's global_step), or None if unreadable."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            return int(json.load(handle)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextmanager
+def showing_delia_logs() -> Iterator[None]:
     """Print delia's own INFO messages (the mixture, its fingerprint on every rank) on stderr during the command."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("delia: %(message)s"))
     package_logger = logging.getLogger("delia")
+    level = package_logger.level
     package_logger.addHandler(handler)
-    if package_logger.level == logging.NOTSET:
-        package_logger.setLevel(logging.INFO)
-    return handler
+    package_logger.setLevel(level or logging.INFO)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
-    handler = _show_delia_logs()
-    try:
+    with showing_delia_logs():
         try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
             model_args, args = parser.parse_args_and_config(argv)
             trainer = build_trainer(model_args, args)
@@ -135,13 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, yaml.YAMLError) as error:
             print(f"delia train: error: {error}", file=sys.stderr)
             return 2
-        trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
+        done = steps_done(checkpoint) if checkpoint else None
+        if done is not None and 0 < args.max_steps <= done:  # Trainer would train one more step past max_steps
+            if trainer.is_world_process_zero():
+                print(
+                    f"delia train: {checkpoint} reached max_steps ({done}): nothing left to train; the trained weights "
+                    "are in that folder",
+                    file=sys.stderr,
+                )
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.save_model()
         del trainer
         leave_process_group()  # a clean exit under torchrun / accelerate launch
         return 0
-    finally:
-        logging.getLogger("delia").removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,12 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path):
 
     # one process with the whole global batch: the same fingerprint, losses and adapter
     torch.manual_seed(1)  # whatever the test process's RNG holds, the run seeds itself
-    one = run(str(tmp_path / "one"), str(train), str(cache), batch_size=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1); two threads crawl on 2 shared cores
+    try:
+        one = run(str(tmp_path / "one"), str(train), str(cache), batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
     fingerprint = one["fingerprint"]["combined"]
     assert ranks[0]["fingerprint"]["combined"] == ranks[1]["fingerprint"]["combined"] == fingerprint
     recorded = json.loads((tmp_path / "two" / "delia_mixture.json").read_text())["fingerprint"]
