@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
         prepare_datasets,
         validate_conversations,
     )
+    from .integrity import MixtureMismatchError
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .trainer import DSFTTrainer, SourceTaggingCollator
@@ -49,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "add_new_tokens": "delia.modeling",
     "setup_tokenizer_and_model": "delia.modeling",
     "get_peft_config": "delia.lora",
+    "MixtureMismatchError": "delia.integrity",
     "build_cache": "delia.build_cache",
     "SOURCES": "delia.data",
     "DataFormatError": "delia.data",
@@ -64,6 +66,7 @@ __all__ = [
     "DSFTConfig",
     "DSFTTrainer",
     "DataFormatError",
+    "MixtureMismatchError",
     "SourceTaggingCollator",
     "add_new_tokens",
     "build_cache",

@@ -127,9 +127,14 @@ def steps_done(checkpoint: str) -> int | None:
 
 @contextmanager
 def showing_delia_logs() -> Iterator[None]:
-    """Print delia's own INFO messages (the mixture, its fingerprint on every rank) on stderr during the command."""
+    """Print delia's INFO messages on stderr during the command: all of them on the main process, and on the others
+    only warnings and the lines every process logs (its mixture fingerprint), so N processes do not repeat N times."""
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("delia: %(message)s"))
+    handler.addFilter(
+        lambda record: main_process or record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
+    )
     package_logger = logging.getLogger("delia")
     level = package_logger.level
     package_logger.addHandler(handler)

@@ -311,7 +311,8 @@ class DSFTTrainer(SFTTrainer):
         state = PartialState()
         logger.info(
             f"rank {state.process_index} of {state.num_processes}: mixture fingerprint {fingerprint['combined']} "
-            f"({fingerprint['rows']} rows, sha256 {fingerprint['rows_sha256']})"
+            f"({fingerprint['rows']} rows, sha256 {fingerprint['rows_sha256']})",
+            extra={"every_rank": True},  # `delia train` shows it on every process, to compare
         )
         check_same_mixture_on_every_process(fingerprint)
         return fingerprint

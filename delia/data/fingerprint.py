@@ -1,19 +1,20 @@
 """Fingerprints of a training mixture and of the files it came from, to compare processes and resumed runs.
 
 - `hash_rows`: sha256 of rows in order, content and `source` tags included, computed over Arrow data (the IPC
-  serialisation of fixed 10,000-row slices), with no Python row objects: about 1 s per million rows (573 MiB);
-  `python benchmarks/fingerprint.py` measures it next to the mixing itself.
-- `file_identity`: size and sha256 of a local file (or of every file in a saved-dataset folder), read in 1 MiB chunks
-  at about 0.6 GB/s. The whole file is hashed, not a sample of blocks: a cheaper size + mtime + first/last blocks check
-  misses an edit in the middle of a file of the same size, and the hash costs a few percent of reading the file.
+  serialisation of fixed 10,000-row slices, each copied into fresh buffers first), with no Python row objects: 1.0 s for a 1,000,100-row mixture (599 MiB
+  of Arrow data) on our 2-core machine (`python benchmarks/fingerprint.py`, next to the 28 s the mixing took).
+- `file_identity`: size and sha256 of a local file (or of every file in a saved-dataset folder), read in 1 MiB chunks:
+  1.0 s for a 635 MiB cache. The whole file is hashed, not a sample of blocks: a size + mtime + first/last blocks check
+  misses an edit in the middle of a file of the same size, and a full hash costs a few percent of the mixing.
 - `mixture_fingerprint`: both, plus one `combined` hash over the rows' hash and the files' sizes and hashes (paths
   are left out, so the same file at another mount point matches).
 
 What the rows' hash detects: any change of a row's content, of the row order, of a `source` tag, of a column's Arrow
-type or of the row count. It is a hash of the rows as delia builds them (the mixed rows before their interleave, then
-the interleave order), so the same rows give the same hash on every process and every run of the same library
-versions; a future pyarrow or datasets that laid the same rows out differently would give another hash (a false
-alarm, never a missed change). Schema metadata is left out.
+type or of the row count. The same rows hash the same however Arrow holds them (one chunk or many, a slice of a larger
+table, behind an indices mapping); schema metadata is left out. A mixture is hashed as delia builds it: the mixed rows
+before their interleave, then the interleave order. A future pyarrow whose IPC format wrote the same rows differently
+would give another hash: a false alarm (a refused resume, which `allow_mixture_change` overrides), never a missed
+change.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class _HashingSink:
         pass
 
 
+def _compact(table: pa.Table) -> pa.Table:
+    """`table` with each column in one freshly written chunk: a slice's buffers reach past its rows (and IPC writes
+    some of that), so the same rows sliced from a larger table would otherwise hash differently."""
+    columns = [pa.concat_arrays(column.chunks or [pa.array([], column.type)]) for column in table.columns]
+    return pa.table(columns, schema=table.schema)
+
+
 def hash_rows(dataset: Dataset, order: np.ndarray | None = None) -> str:
     """sha256 of `dataset`'s rows (Arrow IPC of fixed-size slices), then of `order`: the rows `dataset.select(order)`
     holds, in that order. Without `order`, the rows in the dataset's own order."""
@@ -61,7 +69,7 @@ def hash_rows(dataset: Dataset, order: np.ndarray | None = None) -> str:
     with pa.ipc.new_stream(_HashingSink(digest), schema) as writer:
         for start in range(0, len(dataset), HASH_BATCH_ROWS):
             batch = arrow[start : start + HASH_BATCH_ROWS]
-            writer.write_table(batch.replace_schema_metadata(None).combine_chunks())
+            writer.write_table(_compact(batch.replace_schema_metadata(None)))
     digest.update(b"order:" + (b"none" if order is None else np.asarray(order, dtype="<i8").tobytes()))
     return digest.hexdigest()
 
