@@ -1,12 +1,14 @@
 """Two real CPU processes (torchrun, gloo) against one: the same mixture on every rank, and the same model.
 
 The 2-process run takes 2 rows per process per step, the 1-process run 4: the same global batch. accelerate's
-`prepare` turns the Trainer's RandomSampler into a `SeedableRandomSampler` seeded with `args.seed` (the same
+`prepare` turns the Trainer's RandomSampler into a `SeedableRandomSampler` seeded from `args.seed` (the same
 permutation on every process and in every run) and wraps the batch sampler in a `BatchSamplerShard`, which gives
-process r the batches r, r + 2, ...: step k takes permutation rows 4k..4k+3 either way. Both runs normalise the loss
-by the global batch's token count, and DDP sums the gradients, so the losses agree exactly and the adapters up to
-float summation order. LoRA dropout is 0: with dropout the masks would differ (each process draws its own for its 2
-rows, the single process one for all 4), a documented difference rather than a bug.
+process r the batches r, r + 2, ...: step k takes permutation rows 4k..4k+3 either way. Each process divides its
+summed token losses by the token count of the whole global batch (transformers gathers it across processes,
+`average_tokens_across_devices`) and multiplies by the number of processes, which DDP's gradient averaging undoes:
+the losses agree exactly, the adapters up to the order of float sums in the gradient all-reduce (we saw at most
+3e-7). LoRA dropout is 0 here: with dropout the masks would differ (each process draws its own for its 2 rows, the
+single process one for all 4), a difference of random masks, not of data.
 """
 
 from __future__ import annotations

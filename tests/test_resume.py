@@ -24,6 +24,7 @@ from delia.runtime import MIXTURE_FILE
 from delia.tiny import save_tiny_model
 
 LOSSES = ("loss", "loss_downstream", "loss_diverse")
+REPOSITORY = Path(__file__).parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -65,17 +66,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "delia.train", *train_options(run_files, killed, steps, save_steps=4)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the run while we poll
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, cwd=REPOSITORY, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not list(killed.glob(f"checkpoint-*/{CHECKPOINT_RECORD}")):
-            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
-        process.communicate()
+        process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists() and not (killed / f"checkpoint-{steps}").exists()
 

@@ -1,8 +1,9 @@
 """Fingerprints of a training mixture and of the files it came from, to compare processes and resumed runs.
 
 - `hash_rows`: sha256 of rows in order, content and `source` tags included, computed over Arrow data (the IPC
-  serialisation of fixed 10,000-row slices, each copied into fresh buffers first), with no Python row objects: 1.0 s for a 1,000,100-row mixture (599 MiB
-  of Arrow data) on our 2-core machine (`python benchmarks/fingerprint.py`, next to the 28 s the mixing took).
+  serialisation of fixed 10,000-row slices, each copied into fresh buffers first), with no Python row objects:
+  1.1 s for a 1,000,100-row mixture (599 MiB of Arrow data) on our shared 2-core machine
+  (`python benchmarks/fingerprint.py`; the mixing itself took 28-43 s).
 - `file_identity`: size and sha256 of a local file (or of every file in a saved-dataset folder), read in 1 MiB chunks:
   1.0 s for a 635 MiB cache. The whole file is hashed, not a sample of blocks: a size + mtime + first/last blocks check
   misses an edit in the middle of a file of the same size, and a full hash costs a few percent of the mixing.
