@@ -88,6 +88,14 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def find_checkpoint(output_dir: str, allow_incomplete: bool = False) -> str | None:
+    """The checkpoint to resume a run from: the last complete one; with `allow_incomplete`, else the newest folder."""
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is None and allow_incomplete:
+        checkpoint = next(iter(checkpoint_folders(output_dir)), None)
+    return checkpoint
+
+
 def read_checkpoint_record(checkpoint: str) -> dict[str, Any] | None:
     """The record a checkpoint folder holds, or None when it has none (or not a readable one)."""
     try:

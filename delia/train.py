@@ -25,7 +25,7 @@ import yaml
 from trl import TrlParser
 
 from .config import DSFTConfig
-from .integrity import checkpoint_folders, last_complete_checkpoint
+from .integrity import find_checkpoint
 from .lora import get_peft_config
 from .modeling import resolve_quantization, setup_tokenizer_and_model
 from .runtime import check_output_dir, leave_process_group, start_run_folder
@@ -106,9 +106,7 @@ def checkpoint_to_resume(model_args: ModelArguments, args: DSFTConfig, trainer: 
     """The checkpoint to resume from (`--resume`, or `--resume_from_checkpoint PATH`), checked against the mixture."""
     checkpoint = args.resume_from_checkpoint
     if model_args.resume:
-        checkpoint = last_complete_checkpoint(args.output_dir)
-        if checkpoint is None and args.allow_mixture_change:  # the newest folder, saved to the end or not
-            checkpoint = next(iter(checkpoint_folders(args.output_dir)), None)
+        checkpoint = find_checkpoint(args.output_dir, allow_incomplete=args.allow_mixture_change)
         if checkpoint is None:
             if trainer.is_world_process_zero():
                 print(f"delia train: no checkpoint in {args.output_dir} yet; training from the start", file=sys.stderr)

@@ -38,8 +38,7 @@ from .integrity import (
     CheckpointRecordCallback,
     check_checkpoint,
     check_same_mixture_on_every_process,
-    checkpoint_folders,
-    last_complete_checkpoint,
+    find_checkpoint,
 )
 from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
 from .runtime import MIXTURE_FILE
@@ -323,12 +322,9 @@ class DSFTTrainer(SFTTrainer):
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
         if resume_from_checkpoint is True:
-            output_dir = self.args.output_dir
-            checkpoint = last_complete_checkpoint(output_dir)
-            if checkpoint is None and self.args.allow_mixture_change:
-                checkpoint = next(iter(checkpoint_folders(output_dir)), None)
+            checkpoint = find_checkpoint(self.args.output_dir, allow_incomplete=self.args.allow_mixture_change)
             if checkpoint is None:
-                raise ValueError(f"no checkpoint in {output_dir!r} to resume from")
+                raise ValueError(f"no checkpoint in {self.args.output_dir!r} to resume from")
         else:
             checkpoint = os.fspath(resume_from_checkpoint)
         check_checkpoint(checkpoint, self.mixture_fingerprint, self.args.allow_mixture_change)
