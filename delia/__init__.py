@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
     )
     from .evaluation.plots import plot_runs
     from .evaluation.probe import run_probe
+    from .integrity import MixtureMismatchError
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .trainer import DSFTTrainer, SourceTaggingCollator
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "add_new_tokens": "delia.modeling",
     "setup_tokenizer_and_model": "delia.modeling",
     "get_peft_config": "delia.lora",
+    "MixtureMismatchError": "delia.integrity",
     "build_cache": "delia.build_cache",
     "SOURCES": "delia.data",
     "DataFormatError": "delia.data",
@@ -68,6 +70,7 @@ __all__ = [
     "DSFTConfig",
     "DSFTTrainer",
     "DataFormatError",
+    "MixtureMismatchError",
     "SourceTaggingCollator",
     "add_new_tokens",
     "build_cache",

@@ -69,6 +69,15 @@ class DSFTConfig(SFTConfig):
             excluded. Logged as `eval_token_loss/<token>` (no key for a token absent from the eval set) and appended
             to `output_dir/token_loss.jsonl`, one line per evaluation. A string must be a single token (a vocabulary
             entry, or text the tokenizer turns into one token); an int is a token id. No extra forward pass.
+
+        > Parameters that control resuming
+
+        allow_mixture_change (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint even if it was trained on another mixture. Each checkpoint folder records the
+            mixture's fingerprint (a hash of the mixed rows in order, and the size and sha256 of the downstream file
+            and the diverse cache) in `delia_checkpoint.json`; by default resuming after one of them changed, or from
+            a checkpoint of another run, or from one without that record (a folder a kill left half-written) is
+            refused with an error naming both fingerprints. `True` resumes anyway, with a warning.
     """
 
     diverse_dataset: str | None = field(
@@ -98,6 +107,10 @@ class DSFTConfig(SFTConfig):
     track_tokens: list[str] | None = field(
         default=None,
         metadata={"help": "Tokens whose eval loss is logged (eval_token_loss/<token>, token_loss.jsonl), e.g. <sep>."},
+    )
+    allow_mixture_change: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint even if its mixture fingerprint differs from this run's."},
     )
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import time
 
 import torch
@@ -57,7 +58,19 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def start_run_folder(output_dir: str) -> None:
-    """Check the folder, create it and mark it as a delia run, so a rerun after a crash may reuse it."""
+    """Check the folder, create it and mark it as a delia run, so a rerun after a crash may reuse it.
+
+    Creating and removing a probe file first turns a folder that cannot be written (a read-only file system, no
+    permission, a path under a file) into one clear error before any work, rather than a failure at the first save.
+    """
     check_output_dir(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    open(os.path.join(output_dir, RUN_MARKER), "a").close()
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".delia-probe-")
+        os.close(handle)
+        os.remove(probe)
+        open(os.path.join(output_dir, RUN_MARKER), "a").close()
+    except OSError as error:
+        raise OSError(
+            f"output folder {output_dir!r} cannot be written ({error.strerror or error}); choose another folder"
+        ) from None

@@ -7,20 +7,25 @@ Every `DSFTConfig` (so every `SFTConfig` / `TrainingArguments`) field is an opti
     delia train --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --train_dataset train.jsonl \
         --diverse_dataset cache.jsonl --diverse_ratio 100 --output_dir runs/qwen
     delia train --config reproduce_checkpoint/recipe.yaml
+    delia train --config recipe.yaml --resume      # after a pre-emption: on from the last complete checkpoint
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import jinja2
 import torch
 import yaml
 from trl import TrlParser
 
 from .config import DSFTConfig
+from .integrity import find_checkpoint
 from .lora import get_peft_config
 from .modeling import resolve_quantization, setup_tokenizer_and_model
 from .runtime import check_output_dir, leave_process_group, start_run_folder
@@ -43,11 +48,19 @@ class ModelArguments:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     new_tokens: list[str] = field(default_factory=lambda: ["<sep>"], metadata={"help": "special tokens to add"})
     new_token_init: str = field(default="mean", metadata={"help": "mean or random"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "resume from the last complete checkpoint in output_dir (none yet: start from the beginning)"
+        },
+    )
 
 
 def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     """Check the options, load the model and mix the data: everything a bad input can fail, before any training."""
     check_output_dir(args.output_dir)
+    if model_args.resume and args.resume_from_checkpoint:
+        raise ValueError("pass --resume (the last checkpoint of --output_dir) or --resume_from_checkpoint, not both")
     for option, path in (
         ("--train_dataset", model_args.train_dataset),
         ("--eval_dataset", model_args.eval_dataset),
@@ -89,23 +102,72 @@ def build_trainer(model_args: ModelArguments, args: DSFTConfig) -> DSFTTrainer:
     )
 
 
+def checkpoint_to_resume(model_args: ModelArguments, args: DSFTConfig, trainer: DSFTTrainer) -> str | None:
+    """The checkpoint to resume from (`--resume`, or `--resume_from_checkpoint PATH`), checked against the mixture."""
+    checkpoint = args.resume_from_checkpoint
+    if model_args.resume:
+        checkpoint = find_checkpoint(args.output_dir, allow_incomplete=args.allow_mixture_change)
+        if checkpoint is None:
+            if trainer.is_world_process_zero():
+                print(f"delia train: no checkpoint in {args.output_dir} yet; training from the start", file=sys.stderr)
+            return None
+    return trainer.resolve_checkpoint(checkpoint)
+
+
+def steps_done(checkpoint: str) -> int | None:
+    """The optimizer steps a checkpoint holds (its trainer_state.json's global_step), or None if unreadable."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            return int(json.load(handle)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextmanager
+def showing_delia_logs() -> Iterator[None]:
+    """Print delia's INFO messages on stderr during the command: all of them on the main process, and on the others
+    only warnings and the lines every process logs (its mixture fingerprint), so N processes do not repeat N times."""
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("delia: %(message)s"))
+    handler.addFilter(
+        lambda record: main_process or record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
+    )
+    package_logger = logging.getLogger("delia")
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level or logging.INFO)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
-    try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
-        model_args, args = parser.parse_args_and_config(argv)
-        trainer = build_trainer(model_args, args)
-    except (ValueError, OSError, yaml.YAMLError) as error:
-        print(f"delia train: error: {error}", file=sys.stderr)
-        return 2
-    except jinja2.TemplateError as error:  # SFTTrainer rendering a row the chat template refuses
-        print(f"delia train: error: the chat template refused a training row: {error}", file=sys.stderr)
-        return 2
-    trainer.train()
-    trainer.save_model()
-    trainer.save_state()  # trainer_state.json (the log history) in output_dir, for `delia plot`
-    del trainer
-    leave_process_group()  # a clean exit under torchrun / accelerate launch
-    return 0
+    with showing_delia_logs():
+        try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
+            model_args, args = parser.parse_args_and_config(argv)
+            trainer = build_trainer(model_args, args)
+            checkpoint = checkpoint_to_resume(model_args, args, trainer)
+        except (ValueError, OSError, yaml.YAMLError) as error:
+            print(f"delia train: error: {error}", file=sys.stderr)
+            return 2
+        done = steps_done(checkpoint) if checkpoint else None
+        if done is not None and 0 < args.max_steps <= done:  # Trainer would train one more step past max_steps
+            if trainer.is_world_process_zero():
+                print(
+                    f"delia train: {checkpoint} reached max_steps ({done}): nothing left to train; the trained weights "
+                    "are in that folder",
+                    file=sys.stderr,
+                )
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.save_model()
+        del trainer
+        leave_process_group()  # a clean exit under torchrun / accelerate launch
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ labels. When something was mixed in, the collator is wrapped so each row's `sour
 per-source NLL and token counts to running sums; `log()` turns them into `loss_downstream` / `loss_diverse` (and
 `eval_loss_*`) and resets them. With `track_tokens`, each eval forward
 is also watched for the tracked tokens' loss (`delia.evaluation.token_loss`), logged and appended to token_loss.jsonl.
+
+The mixture's fingerprint (`delia.data.fingerprint`) is computed at init, compared across processes, recorded in
+`delia_mixture.json` and in every checkpoint, and checked when training resumes (`delia.integrity`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import warnings
@@ -31,7 +35,8 @@ from trl.trainer.utils import get_config_model_id
 
 from .cache_writer import write_json_atomically
 from .config import DSFTConfig
-from .data import SOURCES, MixturePlan, prepare_datasets
+from .data import SOURCES, MixturePlan, PreparedData, prepare_datasets
+from .data.fingerprint import mixture_fingerprint
 from .evaluation.token_loss import (
     TOKEN_LOSS_FILE,
     TokenLossTracker,
@@ -39,6 +44,12 @@ from .evaluation.token_loss import (
     backbone_of,
     token_loss_metrics,
     token_loss_record,
+)
+from .integrity import (
+    CheckpointRecordCallback,
+    check_checkpoint,
+    check_same_mixture_on_every_process,
+    find_checkpoint,
 )
 from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
 from .runtime import MIXTURE_FILE
@@ -180,6 +191,7 @@ class DSFTTrainer(SFTTrainer):
         self.mixture_plan = prepared.plan
         self._mixed = prepared.mixed
         self._diverse_description = prepared.diverse_description
+        self.mixture_fingerprint = self._fingerprint_mixture(prepared, train_dataset, diverse_dataset)
         if prepared.split_final_reply:
             logger.info(
                 "DSFTTrainer trains conversations on their final assistant reply only (final_reply_only=True); "
@@ -222,10 +234,11 @@ class DSFTTrainer(SFTTrainer):
             self.data_collator = SourceTaggingCollator(self.data_collator)
         self._token_loss = self._build_token_loss_tracker()
         self.mixture = self._mixture_record()
+        self.add_callback(CheckpointRecordCallback(lambda: self.mixture))
         for note in prepared.notes:
             logger.info(note)
-        if self.is_world_process_zero():
-            self._write_mixture()
+        # A run folder that records another mixture keeps its record until `train` has checked a resume against it
+        self._mixture_written = self.is_world_process_zero() and self._write_mixture(replace_other=False)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Data
@@ -278,12 +291,71 @@ class DSFTTrainer(SFTTrainer):
             "diverse_sampling": plan.sampling,
             "resolved_sampling": plan.resolved_sampling,
             "diverse_seed": plan.seed,
+            "fingerprint": self.mixture_fingerprint,
         }
 
-    def _write_mixture(self) -> None:
-        """Write the mixture record atomically, so a kill never leaves half a file."""
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        write_json_atomically(os.path.join(self.args.output_dir, MIXTURE_FILE), self.mixture)
+    def _write_mixture(self, replace_other: bool = True) -> bool:
+        """Write the mixture record atomically (a kill never leaves half a file); with `replace_other=False`, not over
+        a record of another mixture. Returns whether it was written."""
+        path = os.path.join(self.args.output_dir, MIXTURE_FILE)
+        if not replace_other and os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    recorded = json.load(handle).get("fingerprint") or {}
+            except (OSError, ValueError, AttributeError):
+                recorded = {}
+            if recorded.get("combined") not in (None, self.mixture_fingerprint["combined"]):
+                return False
+        try:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            write_json_atomically(path, self.mixture)
+        except OSError as error:
+            raise OSError(
+                f"cannot write {path} ({error.strerror or error}); output_dir must be a writable folder"
+            ) from None
+        return True
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The same mixture on every process and after a restart
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _fingerprint_mixture(self, prepared: PreparedData, downstream: Any, diverse: Any) -> dict[str, Any]:
+        """Hash the prepared rows and the source files, log the result on every process, and compare the processes."""
+        fingerprint = mixture_fingerprint(prepared, downstream, diverse)
+        state = PartialState()
+        logger.info(
+            f"rank {state.process_index} of {state.num_processes}: mixture fingerprint {fingerprint['combined']} "
+            f"({fingerprint['rows']} rows, sha256 {fingerprint['rows_sha256']})",
+            extra={"every_rank": True},  # `delia train` shows it on every process, to compare
+        )
+        check_same_mixture_on_every_process(fingerprint)
+        return fingerprint
+
+    def resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint `train` would resume from (`True`: the last one saved to the end), checked against this
+        mixture: a checkpoint of other data is refused unless `args.allow_mixture_change`."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            checkpoint = find_checkpoint(self.args.output_dir, allow_incomplete=self.args.allow_mixture_change)
+            if checkpoint is None:
+                raise ValueError(f"no checkpoint in {self.args.output_dir!r} to resume from")
+        else:
+            checkpoint = os.fspath(resume_from_checkpoint)
+        check_checkpoint(checkpoint, self.mixture_fingerprint, self.args.allow_mixture_change)
+        return checkpoint
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ):
+        """`Trainer.train`, after checking that the checkpoint it resumes from was trained on this same mixture."""
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        if self.is_world_process_zero() and not self._mixture_written:
+            self._mixture_written = self._write_mixture()
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Per-source loss

@@ -1,24 +1,35 @@
-"""One process of a tiny distributed DSFT run (launched by test_distributed.py with torchrun).
+"""One process of a tiny DSFT run with LoRA and a trainable <sep>: launched by test_distributed.py with torchrun (2
+processes, 2 rows each) and called in-process by the same test (1 process, 4 rows: the same global batch).
 
-Writes what this process saw: a hash of the mixture's row order, the training logs, and an evaluation with tracked
-tokens (rank 0 also scores the eval rows one at a time, in one process, as the reference).
+Writes what this process saw to `rank{N}.json`: a hash of the mixture's row order, the fingerprint, the training
+logs, the files the trainer wrote, an evaluation with tracked tokens (rank 0 also scores the eval rows one at a time,
+in one process, as the reference), and, when given a second cache that rank 1 alone reads, the error that stops it.
 """
 
+import argparse
 import hashlib
 import json
+import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))  # this checkout's delia, not whichever one is installed
-from conftest import diverse_rows, downstream_rows  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1]))  # this checkout's delia, not an installed one
+from conftest import downstream_rows  # noqa: E402
 
-from delia import DSFTConfig, DSFTTrainer, add_new_tokens  # noqa: E402
+import delia.integrity  # noqa: E402
+import delia.trainer  # noqa: E402
+from delia import DSFTConfig, DSFTTrainer, add_new_tokens, get_peft_config  # noqa: E402
+from delia.integrity import MixtureMismatchError  # noqa: E402
 from delia.runtime import leave_process_group  # noqa: E402
 from delia.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+STEPS = 3
+TRACKED = ["<sep>", "'"]
 
 
 def mixture_hash(dataset: Dataset) -> str:
@@ -42,44 +53,95 @@ def token_loss_one_row_at_a_time(trainer: DSFTTrainer, tokens: list[str]) -> dic
     return {token: nll / count for token, (nll, count) in sums.items() if count}
 
 
-def main(output_dir: str) -> None:
-    tokenizer = build_tiny_tokenizer("llama2")
-    model = build_tiny_model(tokenizer)
-    add_new_tokens(tokenizer, model, ["<sep>"])
-    args = DSFTConfig(
+@contextmanager
+def recording_writes():
+    """Note every file the trainer writes (its mixture record, the checkpoint records) in the list it yields."""
+    written: list[str] = []
+    write = delia.trainer.write_json_atomically
+
+    def noted(path, payload):
+        written.append(Path(path).name)
+        write(path, payload)
+
+    delia.trainer.write_json_atomically = delia.integrity.write_json_atomically = noted
+    try:
+        yield written
+    finally:
+        delia.trainer.write_json_atomically = delia.integrity.write_json_atomically = write
+
+
+def config(output_dir: str, batch_size: int, **overrides) -> DSFTConfig:
+    settings = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=2,
-        max_steps=3,
+        per_device_train_batch_size=batch_size,
+        max_steps=STEPS,
         logging_steps=1,
-        learning_rate=1e-3,
+        learning_rate=1e-2,
         report_to="none",
         save_strategy="no",
         gradient_checkpointing=False,
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
-        per_device_eval_batch_size=2,  # 5 eval rows over 2 ranks: the last global batch repeats 3 rows
-        track_tokens=["<sep>", "'"],
     )
-    trainer = DSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(downstream_rows()),
-        eval_dataset=Dataset.from_list(downstream_rows(5)),
-        diverse_dataset=Dataset.from_list(diverse_rows()),
-        diverse_ratio=1,
-        processing_class=tokenizer,
-    )
-    order = mixture_hash(trainer.train_dataset)
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    metrics = trainer.evaluate()
-    record = {"order": order, "logs": logs, "world_size": trainer.args.world_size, "eval": metrics}
-    if trainer.args.process_index == 0:
-        record["reference"] = token_loss_one_row_at_a_time(trainer, ["<sep>", "'"])
-    Path(output_dir, f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
+    return DSFTConfig(**{**settings, **overrides})
+
+
+def run(output_dir: str, train: str, cache: str, batch_size: int, other_cache: str | None = None) -> dict:
+    """Train STEPS steps and save the adapter; with `other_cache`, then build a second trainer that rank 1 feeds it."""
+    tokenizer = build_tiny_tokenizer("llama2")
+    model = build_tiny_model(tokenizer, tie_word_embeddings=False)
+    add_new_tokens(tokenizer, model, ["<sep>"])
+    with recording_writes() as written:
+        trainer = DSFTTrainer(
+            model=model,
+            args=config(output_dir, batch_size, save_strategy="steps", save_steps=STEPS, track_tokens=TRACKED),
+            train_dataset=train,
+            eval_dataset=Dataset.from_list(downstream_rows(5)),
+            diverse_dataset=cache,
+            diverse_ratio=1,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(r=4, lora_alpha=8, lora_dropout=0.0),  # no dropout: see test_distributed.py
+        )
+        order = mixture_hash(trainer.train_dataset)
+        trainer.train()
+    trainer.save_model(str(Path(output_dir, "adapter")))
+    rank = trainer.args.process_index
+    record = {
+        "order": order,
+        "fingerprint": trainer.mixture_fingerprint,
+        "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+        "world_size": trainer.args.world_size,
+        "written": written,
+        "eval": trainer.evaluate(),
+    }
+    if rank == 0:
+        record["reference"] = token_loss_one_row_at_a_time(trainer, TRACKED)
+    if other_cache is not None:
+        tokenizer = build_tiny_tokenizer("llama2")
+        try:
+            DSFTTrainer(
+                model=build_tiny_model(tokenizer),
+                args=config(str(Path(output_dir, "mismatch")), batch_size),
+                train_dataset=train,
+                diverse_dataset=other_cache if rank == 1 else cache,
+                diverse_ratio=1,
+                processing_class=tokenizer,
+            )
+        except MixtureMismatchError as error:
+            record["mismatch"] = str(error)
+    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    return record
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    for name in ("output_dir", "train", "cache"):
+        parser.add_argument(name)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--other-cache")
+    options = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("delia").setLevel(logging.INFO)  # the fingerprint line of each rank
+    run(options.output_dir, options.train, options.cache, options.batch_size, options.other_cache)
     leave_process_group()  # as `delia train` does: no rank hangs or aborts at exit

@@ -145,6 +145,11 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     assert mixture["sources"]["diverse"]["rows"] == 24
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
     assert result.stdout.count("'loss_diverse'") == 3  # only the main process prints its logs, one per step
+    # every process logs its mixture fingerprint (the same one, recorded in the run folder); other notes once
+    recorded = mixture["fingerprint"]["combined"]
+    for rank in (0, 1):
+        assert result.stderr.count(f"delia: rank {rank} of 2: mixture fingerprint {recorded}") == 1
+    assert result.stderr.count("delia: DELIA mixture: 8 downstream + 24 diverse rows") == 1
 
 
 def test_delia_command_starts_quietly():

@@ -140,6 +140,7 @@ class PreparedData:
     split_final_reply: bool  # conversations were split on their final reply
     diverse_description: str | None = None
     notes: list[str] = field(default_factory=list)
+    unshuffled: Dataset | None = None  # mixed rows before the interleave: train_dataset = unshuffled.select(order)
 
     @property
     def mixed(self) -> bool:
@@ -275,7 +276,8 @@ def prepare_datasets(
         forms.conform(train, features, constants={"source": "downstream"}),
         forms.conform(drawn, features, constants={"source": "diverse"}),
     ]
-    mixed = concatenate_datasets(parts).select(plan.order())
+    unshuffled = concatenate_datasets(parts)
+    mixed = unshuffled.select(plan.order())
     notes = [
         f"DELIA mixture: {plan.downstream_rows} downstream + {plan.diverse_rows} diverse rows (cache of "
         f"{plan.cache_rows}, sampling {plan.resolved_sampling}, seed {plan.seed})"
@@ -288,6 +290,7 @@ def prepare_datasets(
         split,
         _describe(diverse_dataset),
         notes,
+        unshuffled,
     )
 
 
