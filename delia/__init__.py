@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
         prepare_datasets,
         validate_conversations,
     )
+    from .evaluation.evaluate import compare_reports, evaluate, evaluate_model, load_eval_data
+    from .evaluation.parse import parse_structured
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .trainer import DSFTTrainer, SourceTaggingCollator
@@ -57,6 +59,11 @@ _EXPORTS: dict[str, str] = {
     "plan_mixture": "delia.data",
     "prepare_datasets": "delia.data",
     "validate_conversations": "delia.data",
+    "parse_structured": "delia.evaluation.parse",
+    "evaluate": "delia.evaluation.evaluate",
+    "evaluate_model": "delia.evaluation.evaluate",
+    "load_eval_data": "delia.evaluation.evaluate",
+    "compare_reports": "delia.evaluation.evaluate",
 }
 
 __all__ = [
@@ -67,10 +74,15 @@ __all__ = [
     "SourceTaggingCollator",
     "add_new_tokens",
     "build_cache",
+    "compare_reports",
+    "evaluate",
+    "evaluate_model",
     "get_peft_config",
     "get_training_arguments",
     "load_conversations",
+    "load_eval_data",
     "mix_datasets",
+    "parse_structured",
     "plan_mixture",
     "prepare_datasets",
     "setup_tokenizer_and_model",

@@ -3,6 +3,7 @@
 delia demo [--model M] [--output DIR] [--ratio R] [--seed S]   the whole method on bundled data (delia.demo)
 delia train --config recipe.yaml | [options]                   train with DSFTTrainer (delia.train)
 delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the diverse cache (delia.build_cache)
+delia eval RUN [options] | --compare RUN [RUN ...]              measure format, accuracy, <sep> contrast, forgetting
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ def _build_cache(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _demo, "train": _train, "build-cache": _build_cache}
+def _eval(argv: list[str]) -> int:
+    from .evaluation.evaluate import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _demo,
+    "train": _train,
+    "build-cache": _build_cache,
+    "eval": _eval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,8 @@
+"""Measuring what DELIA claims: answer parsing, metrics, the `<sep>` contrast, `delia eval` and `delia sweep`.
+
+Only `parse_structured` (standard library only) is imported here; the rest loads with its module.
+"""
+
+from .parse import parse_structured
+
+__all__ = ["parse_structured"]
