@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
     )
     from .evaluation.evaluate import compare_reports, evaluate, evaluate_model, load_eval_data
     from .evaluation.parse import parse_structured
+    from .evaluation.sweep import run_sweep
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .trainer import DSFTTrainer, SourceTaggingCollator
@@ -64,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_model": "delia.evaluation.evaluate",
     "load_eval_data": "delia.evaluation.evaluate",
     "compare_reports": "delia.evaluation.evaluate",
+    "run_sweep": "delia.evaluation.sweep",
 }
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "parse_structured",
     "plan_mixture",
     "prepare_datasets",
+    "run_sweep",
     "setup_tokenizer_and_model",
     "validate_conversations",
 ]

@@ -4,6 +4,7 @@ delia demo [--model M] [--output DIR] [--ratio R] [--seed S]   the whole method 
 delia train --config recipe.yaml | [options]                   train with DSFTTrainer (delia.train)
 delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the diverse cache (delia.build_cache)
 delia eval RUN [options] | --compare RUN [RUN ...]              measure format, accuracy, <sep> contrast, forgetting
+delia sweep --ratios 0 20 67 260 [options]                      train and evaluate one run per diverse ratio
 """
 
 from __future__ import annotations
@@ -36,11 +37,18 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _sweep(argv: list[str]) -> int:
+    from .evaluation.sweep import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "train": _train,
     "build-cache": _build_cache,
     "eval": _eval,
+    "sweep": _sweep,
 }
 
 

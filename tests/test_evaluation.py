@@ -345,3 +345,82 @@ def test_compare_prints_the_reports_side_by_side(tmp_path, capsys):
     assert rows["parse rate"] == ["0.0%", "90.0% |"] and rows["F1 (yes)"] == ["n/a", "n/a |"]
     assert rows["sensitivity"] == ["+0.0 pts", "+80.0 pts |"] and rows["format learned"] == ["NO", "yes |"]
     assert rows["general NLL/token"] == ["2.2500", "2.5000 |"] and rows["n"] == ["30", "30 |"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_sweep_table_gives_mean_and_std_over_seeds():
+    from delia.evaluation.sweep import markdown_table, summarise
+
+    def run(parse_rate, nll, learned, steps=10):
+        summary = {"parse_rate": parse_rate, "general_nll": nll, "format_learned": learned, "f1_yes": None}
+        return {"summary": summary, "training": {"steps": steps}}
+
+    rows = summarise({"base": [run(0.0, 2.0, False)], "ratio-20": [run(0.5, 2.1, True), run(0.7, 2.3, False)]})
+    assert rows[1]["runs"] == 2 and rows[1]["format_learned"] == 1 and rows[1]["steps"] == 10
+    assert rows[1]["parse_rate_mean"] == pytest.approx(0.6) and rows[1]["parse_rate_std"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
+    assert rows[0]["parse_rate_std"] is None and rows[1]["f1_yes_mean"] is None
+    table = markdown_table(rows).splitlines()
+    assert table[3].startswith("| ratio-20 | 2 | 10 | 1/2 | 60.0% ± 14.1 |") and "2.2000 ± 0.1414" in table[3]
+    assert "| n/a |" in table[3]  # F1 measured in no run
+
+
+def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
+    import delia.train
+    from delia.cli import main
+    from delia.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "chatml")
+    train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(8))
+    cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(12))
+    queries = write_jsonl(tmp_path / "queries.jsonl", diverse_rows(14))  # 2 held out of the cache's 12
+    output = tmp_path / "sweep"
+    command = ["sweep", "--model_name_or_path", str(model), "--train_dataset", str(train)]
+    command += ["--diverse_dataset", str(cache), "--ratios", "0", "1", "--seeds", "3", "--max_steps", "2"]
+    command += ["--per_device_train_batch_size", "4", "--lora_r", "4", "--output_dir", str(output), "--limit", "2"]
+    command += ["--max_new_tokens", "4", "--general_queries", str(queries), "--include_base", "false"]
+    command += ["--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"]
+    assert main(command) == 0
+    capsys.readouterr()
+
+    reports = {}
+    for ratio in ("0", "1"):
+        folder = output / f"ratio-{ratio}" / "seed-3"
+        assert (folder / "adapter_config.json").exists()
+        reports[ratio] = json.loads((folder / "eval_report.json").read_text())
+        assert reports[ratio]["training"]["steps"] == 2
+        assert reports[ratio]["general"]["n"] == 2  # the cache's queries are not held out
+    mixture = json.loads((output / "ratio-1" / "seed-3" / "delia_mixture.json").read_text())
+    assert mixture["sources"]["diverse"]["rows"] == 8 and mixture["diverse_seed"] == 3
+    assert "diverse" not in json.loads((output / "ratio-0" / "seed-3" / "delia_mixture.json").read_text())["sources"]
+
+    table = (output / "sweep.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| ratio-0", "| ratio-1"]
+    csv_rows = (output / "sweep.csv").read_text().splitlines()
+    ratio1 = dict(zip(csv_rows[0].split(","), csv_rows[2].split(","), strict=True))
+    assert ratio1["runs"] == "1" and float(ratio1["general_nll_mean"]) == reports["1"]["summary"]["general_nll"]
+    assert (output / "sweep_general_nll.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Resume: every run is finished, so nothing trains again
+    stamps = {path: path.stat().st_mtime_ns for path in output.glob("ratio-*/seed-*/eval_report.json")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(delia.train, "build_trainer", no_training)
+    assert main(command) == 0
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    assert (output / "sweep.md").read_text().splitlines() == table
+
+    # Other settings in the same folder: refused, not silently mixed
+    changed = [
+        value if value != "2" or previous != "--max_steps" else "3"
+        for previous, value in zip([""] + command[:-1], command, strict=True)
+    ]
+    assert main(changed) == 2
+    assert "other settings" in capsys.readouterr().err
