@@ -221,6 +221,7 @@ def test_a_model_that_keeps_the_meaning_scores_full_sensitivity(monkeypatch):
     assert summary["n"] == 16 and summary["parse_rate"] == 1 and summary["accuracy"] == 1 and summary["f1_yes"] == 1
     assert summary["dict_rate_follow"] == 1 and summary["dict_rate_do_not"] == 0 and summary["sensitivity"] == 1
     assert report["contrast"]["verdict"].startswith("keeps the instruction's meaning")
+    assert report["contrast"]["opens_dict_rate_follow"] == 1 and report["contrast"]["opens_dict_rate_do_not"] == 0
     assert len(generations) == 16 * (1 + len(DO_NOT_INSTRUCTIONS))
     assert report["follow"]["confusion"]["yes"]["yes"] == sum(row["reference"] == "yes" for row in generations[:16])
 
@@ -260,6 +261,8 @@ def test_delia_eval_on_a_tiny_model_writes_a_consistent_report(tmp_path, capsys)
     assert all("Do not use <sep>." in g["instruction"] for g in generations if g["kind"] == "do_not")
     assert contrast["dict_rate_do_not"] == sum(g["in_format"] for g in generations if g["kind"] == "do_not") / 5
     assert summary["sensitivity"] == pytest.approx(contrast["dict_rate_follow"] - contrast["dict_rate_do_not"])
+    opens = sum(g["answer"].lstrip().startswith("{") for g in generations if g["kind"] == "follow") / 5
+    assert contrast["opens_dict_rate_follow"] == opens
     assert sum(phrasing["n"] for phrasing in report["by_phrasing"]) == 5
     seen = report["seen_unseen"]
     assert seen["seen"]["n"] == 2 and seen["unseen"]["n"] == 3  # the first two rows' phrasings were trained on

@@ -261,6 +261,11 @@ def _group_scores(rows: Sequence[EvalRow], answers: Sequence[Answer], keys: Sequ
     }
 
 
+def _opens_dict_rate(replies: Sequence[Any]) -> float | None:
+    """Share of replies whose first non-blank character is '{'."""
+    return sum(reply.text.lstrip().startswith("{") for reply in replies) / len(replies) if replies else None
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -320,6 +325,9 @@ def evaluate_model(
         "dict_rate_follow": follow_rate,
         "dict_rate_do_not": do_not_rate,
         "not_dict_rate_do_not": None if do_not_rate is None else 1 - do_not_rate,
+        # a diagnostic of surface learning: answers that open like the dict ('{' first), parsable or not
+        "opens_dict_rate_follow": _opens_dict_rate(replies[: len(rows)]),
+        "opens_dict_rate_do_not": _opens_dict_rate(replies[len(rows) :]),
         "sensitivity": sensitivity,
         "min_follow_rate": min_follow_rate,
         "format_learned": follow_rate is not None and follow_rate >= min_follow_rate,
@@ -332,7 +340,7 @@ def evaluate_model(
             "queries": data.sources["general_queries"],
             "excluded_caches": data.sources["excluded_caches"],
             "excluded": data.excluded,
-            **answer_nll(model, tokenizer, pairs, batch_size=max(1, batch_size // 2)),
+            **answer_nll(model, tokenizer, pairs, batch_size=batch_size),
         }
 
     report = {
@@ -517,6 +525,8 @@ def format_report(report: dict[str, Any]) -> str:
         "  <sep> contrast        follow  DO-NOT",
         f"  dict rate             {_percent(contrast['dict_rate_follow']):>6}  {_percent(contrast['dict_rate_do_not']):>6}"
         f"   (not dict when told not to: {_percent(contrast['not_dict_rate_do_not'])})",
+        f"  opens with '{{'        {_percent(contrast['opens_dict_rate_follow']):>6}  "
+        f"{_percent(contrast['opens_dict_rate_do_not']):>6}   (parsable or not: a trace of the surface being learned)",
         f"  sensitivity           {_cell('sensitivity', contrast['sensitivity'])}",
         f"  verdict: {contrast['verdict']}",
     ]

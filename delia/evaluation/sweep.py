@@ -170,6 +170,7 @@ def train_and_evaluate(
         raise SweepInputError(f"{ratio_name(ratio)}, seed {seed}: {error}") from None
     trainer.train()
     trainer.save_model()
+    trainer.model.config.use_cache = True  # gradient checkpointing turned the KV cache off; generation wants it
     report, generations = evaluate_model(trainer.model, trainer.processing_class, data, seed=seed, **generation_options)
     probed = _probe(trainer.model, trainer.processing_class, folder) if probe else None
     report = {
@@ -193,7 +194,9 @@ def evaluate_base(
     model_args: Any, args: DSFTConfig, data: EvalData, generation_options: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     """Evaluate the base model once (row 'base' of the table), into output_dir/base; reused when already there."""
-    from ..modeling import load_tokenizer_and_model
+    import torch
+
+    from ..modeling import load_tokenizer_and_model, resolve_quantization
     from ..runtime import default_device
 
     folder = os.path.join(args.output_dir, "base")
@@ -202,12 +205,14 @@ def evaluate_base(
     if report is not None:
         return report
     try:
-        tokenizer, model = load_tokenizer_and_model(
+        quantization = resolve_quantization(model_args.quantization, torch.cuda.is_available())
+        tokenizer, model = load_tokenizer_and_model(  # in the precision the trained runs are evaluated in
             model_args.model_name_or_path,
-            quantization=None,
+            quantization=quantization,
+            attn_implementation=model_args.attn_implementation,
             dtype=model_args.torch_dtype,
             trust_remote_code=args.trust_remote_code,
-            device=default_device(),
+            device=None if quantization else default_device(),
         )
     except (ValueError, OSError) as error:
         raise SweepInputError(f"base model: {error}") from None
