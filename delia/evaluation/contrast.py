@@ -13,6 +13,9 @@ and a sensitivity of 0: that is no win, so `verdict` says first whether the form
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from .metrics import Answer, format_rate
 
 INSTRUCTION_BREAK = "\n\n\n"  # between the context and the instruction sentence in the bundled data
 
@@ -71,3 +74,41 @@ def verdict(
     if sensitivity >= min_sensitivity:
         return f"keeps the instruction's meaning: dict when told to follow, prose when told not to ({sensitivity:+.0%})"
     return f"fits the surface: answers with the dict whatever the instruction says ({sensitivity:+.0%})"
+
+
+def summarise_contrast(
+    follow: Sequence[Answer],
+    do_not: Sequence[Answer],
+    texts: Sequence[str],
+    do_not_instructions: Sequence[str],
+    min_follow_rate: float = MIN_FOLLOW_RATE,
+) -> dict[str, Any]:
+    """The contrast section of a report.
+
+    `follow` are the answers to the prompts as given; `do_not` those to each DO-NOT instruction in turn (all rows for
+    the first instruction, then all for the second...); `texts` the replies behind both, in the same order.
+    """
+    n = len(follow)
+    follow_rate, do_not_rate = format_rate(follow), format_rate(do_not)
+    sensitivity = None if follow_rate is None or do_not_rate is None else follow_rate - do_not_rate
+
+    def opens_dict(replies: Sequence[str]) -> float | None:  # surface learning: '{' first, parsable or not
+        return sum(text.lstrip().startswith("{") for text in replies) / len(replies) if replies else None
+
+    return {
+        "do_not_instructions": [
+            {"instruction": text, "n": n, "dict_rate": format_rate(do_not[i * n : (i + 1) * n])}
+            for i, text in enumerate(do_not_instructions)
+        ],
+        "n_follow": n,
+        "n_do_not": len(do_not),
+        "dict_rate_follow": follow_rate,
+        "dict_rate_do_not": do_not_rate,
+        "not_dict_rate_do_not": None if do_not_rate is None else 1 - do_not_rate,
+        "opens_dict_rate_follow": opens_dict(texts[:n]),
+        "opens_dict_rate_do_not": opens_dict(texts[n:]),
+        "sensitivity": sensitivity,
+        "min_follow_rate": min_follow_rate,
+        "format_learned": follow_rate is not None and follow_rate >= min_follow_rate,
+        "verdict": verdict(follow_rate, do_not_rate, min_follow_rate),
+    }

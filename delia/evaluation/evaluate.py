@@ -31,8 +31,8 @@ from typing import Any
 
 from ..data import DataFormatError, DatasetOrigin, read_dataset, validate_conversations
 from ..data.rules import any_format_row_problem
-from .contrast import DO_NOT_INSTRUCTIONS, MIN_FOLLOW_RATE, replace_instruction, split_instruction, verdict
-from .metrics import Answer, format_rate, read_answer, reference_label, score_answers
+from .contrast import DO_NOT_INSTRUCTIONS, MIN_FOLLOW_RATE, replace_instruction, split_instruction, summarise_contrast
+from .metrics import Answer, read_answer, reference_label, score_answers
 
 REPORT_FILE = "eval_report.json"
 GENERATIONS_FILE = "eval_generations.jsonl"
@@ -230,14 +230,14 @@ def load_model_for_eval(
     return tokenizer, model, {"kind": "adapter", "path": path, "base_model": base, "new_tokens": new_tokens}
 
 
-def _generate(backend: Any, conversations: list[list[dict[str, str]]], sampling: Any, where: list[str]) -> list[Any]:
-    """One reply per conversation, in order; prompts run longest first, so each batch pads little."""
+def _generate(backend: Any, conversations: list[list[dict[str, str]]], sampling: Any, rows: list[EvalRow]) -> list[Any]:
+    """One reply per conversation (made from `rows`, one each), in order; longest prompts first, so batches pad little."""
     from ..generation import PromptRenderError
 
     try:
         prompts = backend.prepare(conversations, [str(index) for index in range(len(conversations))])
     except PromptRenderError as error:
-        raise ValueError(f"{where[error.index]}: {error}") from None
+        raise ValueError(f"{rows[error.index].where}: {error}") from None
     order = sorted(range(len(prompts)), key=lambda index: -prompts[index].length)
     replies: list[Any] = [None] * len(prompts)
     for index, reply in zip(order, backend.stream([prompts[i] for i in order], sampling), strict=True):
@@ -259,11 +259,6 @@ def _group_scores(rows: Sequence[EvalRow], answers: Sequence[Answer], keys: Sequ
         key: score_answers([rows[i].label for i in indices], [answers[i] for i in indices])
         for key, indices in groups.items()
     }
-
-
-def _opens_dict_rate(replies: Sequence[Any]) -> float | None:
-    """Share of replies whose first non-blank character is '{'."""
-    return sum(reply.text.lstrip().startswith("{") for reply in replies) / len(replies) if replies else None
 
 
 def evaluate_model(
@@ -297,7 +292,7 @@ def evaluate_model(
         for row in rows
     ]
     backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
-    replies = _generate(backend, [job[3] for job in jobs], sampling, [job[0].where for job in jobs])
+    replies = _generate(backend, [job[3] for job in jobs], sampling, [job[0] for job in jobs])
     answers = [read_answer(reply.text) for reply in replies]
     follow, do_not = answers[: len(rows)], answers[len(rows) :]
 
@@ -312,27 +307,9 @@ def evaluate_model(
         split = _group_scores(rows, follow, ["seen" if row.instruction in seen else "unseen" for row in rows])
         seen_unseen = {key: split[key].as_dict() if key in split else None for key in ("seen", "unseen")}
 
-    follow_rate, do_not_rate = format_rate(follow), format_rate(do_not)
-    sensitivity = None if follow_rate is None or do_not_rate is None else follow_rate - do_not_rate
-    per_instruction = [
-        {"instruction": text, "n": len(rows), "dict_rate": format_rate(do_not[i * len(rows) : (i + 1) * len(rows)])}
-        for i, text in enumerate(do_not_instructions)
-    ]
-    contrast = {
-        "do_not_instructions": per_instruction,
-        "n_follow": len(follow),
-        "n_do_not": len(do_not),
-        "dict_rate_follow": follow_rate,
-        "dict_rate_do_not": do_not_rate,
-        "not_dict_rate_do_not": None if do_not_rate is None else 1 - do_not_rate,
-        # a diagnostic of surface learning: answers that open like the dict ('{' first), parsable or not
-        "opens_dict_rate_follow": _opens_dict_rate(replies[: len(rows)]),
-        "opens_dict_rate_do_not": _opens_dict_rate(replies[len(rows) :]),
-        "sensitivity": sensitivity,
-        "min_follow_rate": min_follow_rate,
-        "format_learned": follow_rate is not None and follow_rate >= min_follow_rate,
-        "verdict": verdict(follow_rate, do_not_rate, min_follow_rate),
-    }
+    contrast = summarise_contrast(
+        follow, do_not, [reply.text for reply in replies], do_not_instructions, min_follow_rate
+    )
     general = None
     if data.general is not None:
         pairs = [(query.query, query.reference) for query in data.general]
@@ -352,9 +329,9 @@ def evaluate_model(
             "parse_rate": scores.parse_rate,
             "accuracy": scores.accuracy,
             "f1_yes": scores.f1_yes,
-            "dict_rate_follow": follow_rate,
-            "dict_rate_do_not": do_not_rate,
-            "sensitivity": sensitivity,
+            "dict_rate_follow": contrast["dict_rate_follow"],
+            "dict_rate_do_not": contrast["dict_rate_do_not"],
+            "sensitivity": contrast["sensitivity"],
             "format_learned": contrast["format_learned"],
             "general_nll": general["nll_per_token"] if general else None,
             "general_n": general["n"] if general else None,
@@ -369,7 +346,7 @@ def evaluate_model(
     }
     generations = [
         {
-            "where": row.where,
+            "row": row.index,  # 0-based, in the eval dataset
             "kind": kind,
             "instruction": instruction,
             "reference": row.label,
