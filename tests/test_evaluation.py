@@ -398,6 +398,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
         reports[ratio] = json.loads((folder / "eval_report.json").read_text())
         assert reports[ratio]["training"]["steps"] == 2
         assert reports[ratio]["general"]["n"] == 2  # the cache's queries are not held out
+        assert reports[ratio]["seen_unseen"] == {"seen": None, "unseen": reports[ratio]["follow"]}  # bundled phrasings
     mixture = json.loads((output / "ratio-1" / "seed-3" / "delia_mixture.json").read_text())
     assert mixture["sources"]["diverse"]["rows"] == 8 and mixture["diverse_seed"] == 3
     assert "diverse" not in json.loads((output / "ratio-0" / "seed-3" / "delia_mixture.json").read_text())["sources"]

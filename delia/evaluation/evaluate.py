@@ -43,7 +43,7 @@ DEFAULT_EVAL_DATASET = str(DEMO_DATA / "eval.jsonl")
 DEFAULT_GENERAL_QUERIES = str(DEMO_DATA / "queries.jsonl")
 
 EVAL_DATASET_HELP = (
-    "eval conversations in the <sep> format (default: the 16 bundled rows; from a clone, "
+    "eval conversations in the <sep> format (the default: the 16 bundled rows; from a clone, "
     "reproduce_checkpoint/eval_dataset.jsonl has all 30)"
 )
 
@@ -574,19 +574,21 @@ class EvalArguments:
 
     general_queries: str = field(
         default=DEFAULT_GENERAL_QUERIES,
-        metadata={"help": "general queries with reference answers, for the general NLL (default: the bundled 128)"},
+        metadata={
+            "help": "general queries with reference answers, for the general NLL (the default: the 128 bundled ones)"
+        },
     )
     no_general: bool = field(default=False, metadata={"help": "skip the general NLL"})
     exclude_cache: list[str] | None = field(
         default=None,
         metadata={
-            "help": "diverse caches whose queries are not held out (default: the run's own cache, when its "
+            "help": "diverse caches whose queries are not held out (none given: the run's own cache, when its "
             "delia_mixture.json names one)"
         },
     )
     do_not: list[str] | None = field(
         default=None,
-        metadata={"help": "instructions saying not to use the <sep> format (default: three built-in ones)"},
+        metadata={"help": "instructions saying not to use the <sep> format (none given: three built-in ones)"},
     )
     max_new_tokens: int = field(default=256, metadata={"help": "tokens generated per answer at most"})
     temperature: float = field(default=0.0, metadata={"help": "0 means greedy (the default)"})
@@ -641,10 +643,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(EvalArguments, prog="delia eval", description=__doc__.splitlines()[0])
     parser.add_argument("target", nargs="?", help="a run folder, an adapter folder, a model folder or a hub name")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print these runs' reports side by side")
-    parser.add_argument("--output", default=None, help="folder for the report (default: the target folder)")
+    parser.add_argument("--output", default=None, help="folder for the report (none given: the target folder)")
     parser.add_argument("--eval_dataset", "--eval-dataset", default=DEFAULT_EVAL_DATASET, help=EVAL_DATASET_HELP)
     parser.add_argument("--train_dataset", "--train-dataset", default=None, help="training rows: seen vs unseen")
-    parser.add_argument("--base_model", "--base-model", default=None, help="an adapter's base (default: its config's)")
+    parser.add_argument(
+        "--base_model", "--base-model", default=None, help="an adapter's base (none given: its config's)"
+    )
     parser.add_argument("--quantization", default="none", help="none (default), 8bit, 4bit or auto")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (used when --temperature > 0)")

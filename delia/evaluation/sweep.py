@@ -70,7 +70,7 @@ class SweepArguments:
     """Which runs the sweep trains; training settings are `delia train`'s, evaluation settings `delia eval`'s."""
 
     ratios: list[float] = field(metadata={"help": "diverse ratios, e.g. 0 20 67 260 (0: plain instruction tuning)"})
-    seeds: list[int] | None = field(default=None, metadata={"help": "one run per seed and ratio (default: --seed)"})
+    seeds: list[int] | None = field(default=None, metadata={"help": "one run per seed and ratio (none given: --seed)"})
     budget: str = field(
         default="steps",
         metadata={"help": "steps: --max_steps optimizer steps for every ratio; epoch: one epoch over each mixture"},
@@ -358,7 +358,10 @@ def run_sweep(
     try:
         start_run_folder(args.output_dir)
         data = load_eval_data(  # read and checked once, before any training
-            model_args.eval_dataset or DEFAULT_EVAL_DATASET, exclude_caches=exclude, **eval_args.data_options()
+            model_args.eval_dataset or DEFAULT_EVAL_DATASET,
+            train_dataset=model_args.train_dataset,  # to tell seen phrasings from unseen ones
+            exclude_caches=exclude,
+            **eval_args.data_options(),
         )
     except (ValueError, OSError) as error:
         raise SweepInputError(str(error)) from None
