@@ -31,8 +31,11 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
         prepare_datasets,
         validate_conversations,
     )
+    from .evaluation.evaluate import compare_reports, evaluate, evaluate_model, load_eval_data
+    from .evaluation.parse import parse_structured
     from .evaluation.plots import plot_runs
     from .evaluation.probe import run_probe
+    from .evaluation.sweep import run_sweep
     from .integrity import MixtureMismatchError
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
@@ -63,6 +66,12 @@ _EXPORTS: dict[str, str] = {
     "validate_conversations": "delia.data",
     "run_probe": "delia.evaluation.probe",
     "plot_runs": "delia.evaluation.plots",
+    "parse_structured": "delia.evaluation.parse",
+    "evaluate": "delia.evaluation.evaluate",
+    "evaluate_model": "delia.evaluation.evaluate",
+    "load_eval_data": "delia.evaluation.evaluate",
+    "compare_reports": "delia.evaluation.evaluate",
+    "run_sweep": "delia.evaluation.sweep",
 }
 
 __all__ = [
@@ -74,14 +83,20 @@ __all__ = [
     "SourceTaggingCollator",
     "add_new_tokens",
     "build_cache",
+    "compare_reports",
+    "evaluate",
+    "evaluate_model",
     "get_peft_config",
     "get_training_arguments",
     "load_conversations",
+    "load_eval_data",
     "mix_datasets",
+    "parse_structured",
     "plan_mixture",
     "plot_runs",
     "prepare_datasets",
     "run_probe",
+    "run_sweep",
     "setup_tokenizer_and_model",
     "validate_conversations",
 ]

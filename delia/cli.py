@@ -3,8 +3,10 @@
 delia demo [--model M] [--output DIR] [--ratio R] [--seed S]   the whole method on bundled data (delia.demo)
 delia train --config recipe.yaml | [options]                   train with DSFTTrainer (delia.train)
 delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the diverse cache (delia.build_cache)
+delia eval RUN [options] | --compare RUN [RUN ...]             format, accuracy, <sep> contrast, forgetting (delia.evaluation)
 delia probe BASE TRAINED [options]                             <sep> against the explicit format (delia.evaluation.probe)
 delia plot RUN_DIR [RUN_DIR ...] [--output DIR]                loss, token-loss, eval-metric curves (delia.evaluation.plots)
+delia sweep --ratios 0 20 67 260 [options]                     train and evaluate one run per diverse ratio
 """
 
 from __future__ import annotations
@@ -31,8 +33,20 @@ def _build_cache(argv: list[str]) -> int:
     return main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from .evaluation.evaluate import main
+
+    return main(argv)
+
+
 def _probe(argv: list[str]) -> int:
     from .evaluation.probe import main
+
+    return main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from .evaluation.sweep import main
 
     return main(argv)
 
@@ -47,8 +61,10 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "train": _train,
     "build-cache": _build_cache,
+    "eval": _eval,
     "probe": _probe,
     "plot": _plot,
+    "sweep": _sweep,
 }
 
 

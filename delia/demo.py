@@ -4,9 +4,10 @@
 2. Self-sample a diverse cache: the model answers the bundled general queries (`build_cache`, reference template).
 3. Train with `DSFTTrainer` on the bundled `<sep>` hallucination-judgement rows mixed with the cache at `--ratio`,
    with `<sep>` added as a new token, evaluating on the bundled eval rows.
-4. Write the run folder: the diverse cache, `delia_mixture.json`, `log_history.json`, `loss.png` (per-source and eval
-   loss against step, `delia plot`'s figure), `token_loss.jsonl` (`<sep>`'s eval loss), the trained model and its
-   tokenizer (for `delia probe`), `summary.json`; print a summary table.
+4. Write the run folder: the trained model and its tokenizer (base: `tiny-model/`), the diverse cache,
+   `delia_mixture.json`, `log_history.json`, `loss.png` (per-source and eval loss against step, `delia plot`'s figure),
+   `token_loss.jsonl` (`<sep>`'s eval loss), `summary.json`; print a summary table. `delia eval OUTPUT` and
+   `delia probe OUTPUT/tiny-model OUTPUT` then measure it.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
 def finish_demo(trainer: DSFTTrainer, output: str, started: float) -> dict:
     """Train, then write the log history, the loss plot and the summary into `output`; return the summary."""
     trainer.train()
-    trainer.save_model()  # the trained model (an adapter with --model) and its tokenizer, for `delia probe`
+    trainer.save_model()  # the trained model and its tokenizer, for `delia eval` and `delia probe`
     history = trainer.state.log_history
     with open(os.path.join(output, "log_history.json"), "w", encoding="utf-8") as handle:
         json.dump(history, handle, indent=2)
@@ -158,8 +159,8 @@ def print_summary(summary: dict) -> None:
         first, last = summary[key]
         print(f"{key:18}{first:>10.4f}{last:>10.4f}")
     print(
-        f"run folder: {summary['output']} (loss.png, log_history.json, token_loss.jsonl, delia_mixture.json, "
-        "diverse_cache.jsonl, the trained model)"
+        f"run folder: {summary['output']} (the trained model, loss.png, log_history.json, token_loss.jsonl, "
+        "delia_mixture.json, diverse_cache.jsonl); measure it with `delia eval` on that folder"
     )
 
 

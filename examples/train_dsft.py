@@ -1,9 +1,11 @@
 """The "pip install and subclass" path: a training script with its own DSFTTrainer subclass.
 
 `FormatTrackingTrainer` adds one metric to every evaluation: the share of eval prompts whose greedy reply follows the
-`<sep>` format, i.e. parses (with `ast.literal_eval`, never `eval`) as `{'thought': ..., 'hallucination': 'yes'|'no'}`.
-That is the quantity DELIA's downstream rows teach, next to the per-source losses the trainer already logs. Generation
-goes through delia's own engine (`delia.generation`), the same one `build_cache` uses.
+`<sep>` format, i.e. reads as `{'thought': ..., 'hallucination': 'yes'|'no'}` with `delia.evaluation`'s parser (JSON or
+`ast.literal_eval`, size-limited, never `eval`), the one `delia eval` uses. That is the quantity DELIA's downstream rows
+teach, next to the per-source losses the trainer already logs. Generation goes through delia's own engine
+(`delia.generation`), the same one `build_cache` and `delia eval` use. After training, `delia eval OUTPUT` measures
+the run fully (accuracy, the follow / DO-NOT `<sep>` contrast, retained general ability).
 
     python examples/train_dsft.py                                   # tiny local model, bundled data, CPU, ~30 s
     python examples/train_dsft.py --model Qwen/Qwen2.5-0.5B-Instruct --cache my_cache.jsonl --ratio 100 --steps 400
@@ -12,7 +14,6 @@ goes through delia's own engine (`delia.generation`), the same one `build_cache`
 from __future__ import annotations
 
 import argparse
-import ast
 import tempfile
 
 from delia import (
@@ -24,22 +25,15 @@ from delia import (
     setup_tokenizer_and_model,
 )
 from delia.demo import build_demo_model, demo_file
+from delia.evaluation.metrics import read_answer
 from delia.generation import SamplingConfig
 from delia.generation.transformers_backend import TransformersBackend
 
-MAX_REPLY_CHARS = 4000  # model output is parsed only up to this size
-
 
 def follows_format(reply: str) -> bool:
-    """Whether a reply is a dict literal with a 'thought' and a yes/no 'hallucination'."""
-    text = reply.strip()
-    if not text.startswith("{") or len(text) > MAX_REPLY_CHARS:
-        return False
-    try:
-        parsed = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return False
-    return isinstance(parsed, dict) and "thought" in parsed and parsed.get("hallucination") in ("yes", "no")
+    """Whether a reply holds the `<sep>` dict ('thought' and 'hallucination' keys) with a yes/no judgement."""
+    answer = read_answer(reply)
+    return answer.in_format and answer.label is not None
 
 
 class FormatTrackingTrainer(DSFTTrainer):

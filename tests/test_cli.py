@@ -99,7 +99,7 @@ def test_subclass_example_trains_and_logs_its_metric(tmp_path):
     assert follows_format("{'thought': 'It invents a date.', 'hallucination': 'yes'}")
     assert not follows_format("{'thought': 'x', 'hallucination': 'maybe'}")
     assert not follows_format("__import__('os').system('true')")  # parsed as a literal, never run
-    assert not follows_format("{'thought': '" + "x" * 5000 + "', 'hallucination': 'no'}")
+    assert not follows_format("{'thought': '" + "x" * 20_000 + "', 'hallucination': 'no'}")  # over the size limit
 
 
 def test_reproduce_checkpoint_recipe_parses_to_the_original_settings():
