@@ -254,7 +254,8 @@ class DSFTTrainer(SFTTrainer):
         plan: MixturePlan = self.mixture_plan
         sources: dict[str, dict[str, int]] = {}
         dataset = self.train_dataset
-        if isinstance(dataset, Dataset) and {"input_ids", "labels"} <= set(dataset.column_names):
+        packed = isinstance(dataset, Dataset) and self._mixed and "source" not in dataset.column_names
+        if isinstance(dataset, Dataset) and {"input_ids", "labels"} <= set(dataset.column_names) and not packed:
             tagged = self._mixed  # a `source` column of the user's own is not DELIA's tag
             table = dataset.select_columns(["input_ids", "labels"] + (["source"] if tagged else [])).with_format(
                 "arrow"
