@@ -20,6 +20,11 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def process_state():
     """This process's place in an `accelerate launch` / torchrun job (CPU-only jobs need `cpu=True` to see it)."""
     from accelerate import PartialState
@@ -45,11 +50,15 @@ def leave_process_group() -> None:
 RUN_MARKER = ".delia-run"
 
 
+PROBE_PREFIX = ".delia-probe-"
+
+
 def check_output_dir(output_dir: str) -> None:
     """Refuse a folder that holds something other than a delia run, so nothing unrelated is overwritten."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(f"output folder {output_dir!r} is a file")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    # another process of the same launch may be probing the folder right now: its probe file is not a foreign file
+    if os.path.isdir(output_dir) and [name for name in os.listdir(output_dir) if not name.startswith(PROBE_PREFIX)]:
         if not any(os.path.exists(os.path.join(output_dir, name)) for name in (RUN_MARKER, MIXTURE_FILE)):
             raise FileExistsError(
                 f"output folder {output_dir!r} exists and is not a delia run; choose another folder (nothing was "
@@ -66,10 +75,10 @@ def start_run_folder(output_dir: str) -> None:
     check_output_dir(output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".delia-probe-")
+        open(os.path.join(output_dir, RUN_MARKER), "a").close()  # first: the other processes check for it
+        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=PROBE_PREFIX)
         os.close(handle)
         os.remove(probe)
-        open(os.path.join(output_dir, RUN_MARKER), "a").close()
     except OSError as error:
         raise OSError(
             f"output folder {output_dir!r} cannot be written ({error.strerror or error}); choose another folder"
