@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
     from .integrity import MixtureMismatchError
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
+    from .models import resolve_model
     from .trainer import DSFTTrainer, SourceTaggingCollator
 
     __version__: str
@@ -54,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "SourceTaggingCollator": "delia.trainer",
     "add_new_tokens": "delia.modeling",
     "setup_tokenizer_and_model": "delia.modeling",
+    "resolve_model": "delia.models",
     "get_peft_config": "delia.lora",
     "MixtureMismatchError": "delia.integrity",
     "build_cache": "delia.build_cache",
@@ -97,6 +99,7 @@ __all__ = [
     "prepare_datasets",
     "run_probe",
     "run_sweep",
+    "resolve_model",
     "setup_tokenizer_and_model",
     "validate_conversations",
 ]

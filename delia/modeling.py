@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from .models import resolve_model
+
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_CHOICES = ("auto", "4bit", "8bit", "none", None)
@@ -193,16 +195,19 @@ def load_tokenizer_and_model(
 ) -> tuple[Any, PreTrainedModel]:
     """The one model loader (training setup and the generation backends share it); returns (tokenizer, model).
 
+    `model_name_or_path` is a folder, a hub name, or a short name delia knows (`delia.models.MODELS`, such as
+    "smollm2-135m-instruct"), which resolves to the hub or, offline, to a local converted copy.
+
     `quantization` is "auto" (8-bit on CUDA, none on CPU), "4bit", "8bit" or None. `dtype` "auto" is bf16 (fp16
     without bf16 support) on a GPU and float32 on CPU. `device` moves an unquantized model there ("cuda:1" under a
     launcher counts as CUDA); a quantized one is placed by bitsandbytes on this process's GPU. A missing pad token
     becomes the EOS token. Loading errors become one `OSError` line naming the model.
     """
+    path = resolve_model(model_name_or_path)  # a known short name such as "smollm2-135m-instruct": hub or local copy
     device = torch.device(device) if device is not None else None
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     quantization = resolve_quantization(quantization, cuda)
     torch_dtype = resolve_dtype(dtype, cuda)
-    path = os.fspath(model_name_or_path)
     load_kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
         "attn_implementation": resolve_attention(attn_implementation, cuda),
