@@ -6,6 +6,8 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -83,3 +85,21 @@ def start_run_folder(output_dir: str) -> None:
         raise OSError(
             f"output folder {output_dir!r} cannot be written ({error.strerror or error}); choose another folder"
         ) from None
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No datasets / transformers progress bars meanwhile (a command's table or its one error line is the output)."""
+    import datasets
+    import transformers
+
+    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()

@@ -341,6 +341,9 @@ def test_compare_prints_the_reports_side_by_side(tmp_path, capsys):
         return str(tmp_path / folder)
 
     base, trained = fake("base", 0.0, 0.0, 0.0, 2.25), fake("sep", 0.9, 0.9, 0.1, 2.5)
+    from delia import compare_reports
+
+    assert "different held-out queries" not in compare_reports([base, trained])  # both over 112 queries
     assert main(["eval", "--compare", base, trained + "/eval_report.json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"| metric | {base} | {trained} |"
@@ -428,3 +431,16 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
     ]
     assert main(changed) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_compare_says_when_the_general_nlls_are_over_different_queries(tmp_path):
+    from delia.evaluation.evaluate import compare_reports
+
+    folders = []
+    for name, held_out in (("base", 128), ("trained", 12)):
+        (tmp_path / name).mkdir()
+        summary = {"n": 16, "general_nll": 6.9, "general_n": held_out}
+        (tmp_path / name / "eval_report.json").write_text(json.dumps({"summary": summary}))
+        folders.append(str(tmp_path / name))
+    table = compare_reports(folders)
+    assert "| general queries | 128 | 12 |" in table and "different held-out queries" in table

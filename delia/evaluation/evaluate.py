@@ -17,14 +17,13 @@ the same prompt with its instruction swapped for each DO-NOT instruction; all gr
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
@@ -554,6 +553,11 @@ def compare_reports(paths: Sequence[str | os.PathLike], names: Sequence[str] | N
     lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for key, label in SUMMARY_ROWS:
         lines.append(f"| {label} | " + " | ".join(_cell(key, summary.get(key)) for summary in summaries) + " |")
+    if len({summary.get("general_n") for summary in summaries if summary.get("general_n")}) > 1:
+        lines.append(
+            "\nnote: the general NLLs are over different held-out queries (a run's own cache is left out of its "
+            "set); evaluate the others with --exclude_cache naming that cache to compare them"
+        )
     return "\n".join(lines)
 
 
@@ -623,22 +627,10 @@ class EvalArguments:
         }
 
 
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """No `datasets` progress bars while small files are read, so a bad-input line is the first thing printed."""
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
+
+    from ..runtime import quiet_progress_bars
 
     parser = HfArgumentParser(EvalArguments, prog="delia eval", description=__doc__.splitlines()[0])
     parser.add_argument("target", nargs="?", help="a run folder, an adapter folder, a model folder or a hub name")
@@ -660,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not options.target:
             raise ValueError("give a run, adapter or model folder (or hub name) to evaluate, or --compare RUN ...")
-        with quiet_datasets():
+        with quiet_progress_bars():
             evaluation = prepare_evaluation(
                 options.target,
                 output=options.output,

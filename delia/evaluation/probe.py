@@ -372,32 +372,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--quantization", default="none", help="none (default), auto, 8bit or 4bit")
     options = parser.parse_args(argv)
-    import datasets
-    import transformers
+    from ..runtime import quiet_progress_bars
 
-    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # the table is the output; an error is the one line on stderr
-    transformers.utils.logging.disable_progress_bar()
     try:
-        report = run_probe(
-            options.models,
-            base=options.base,
-            prompts=options.prompts,
-            limit=options.limit,
-            token=options.token,
-            explicit=options.explicit,
-            output_dir=options.output,
-            batch_size=options.batch_size,
-            quantization=options.quantization,
-        )
+        with quiet_progress_bars():  # the table is the output; an error is the one line on stderr
+            report = run_probe(
+                options.models,
+                base=options.base,
+                prompts=options.prompts,
+                limit=options.limit,
+                token=options.token,
+                explicit=options.explicit,
+                output_dir=options.output,
+                batch_size=options.batch_size,
+                quantization=options.quantization,
+            )
     except (ValueError, OSError) as error:
         print(f"delia probe: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if bars[0]:
-            datasets.enable_progress_bars()
-        if bars[1]:
-            transformers.utils.logging.enable_progress_bar()
     print(format_table(report))
     print(f"report: {os.path.join(options.output, REPORT_FILE)}, plot: {os.path.join(options.output, PLOT_FILE)}")
     return 0
