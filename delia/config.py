@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from trl import SFTConfig
 
+from .cpu import native_bf16
 from .data.mixing import SAMPLING_MODES, check_diverse_ratio, check_diverse_sampling
 from .runtime import has_accelerator
 
@@ -78,6 +79,27 @@ class DSFTConfig(SFTConfig):
             and the diverse cache) in `delia_checkpoint.json`; by default resuming after one of them changed, or from
             a checkpoint of another run, or from one without that record (a folder a kill left half-written) is
             refused with an error naming both fingerprints. `True` resumes anyway, with a warning.
+
+        > Defaults on a CPU (no accelerator, or `use_cpu=True`), for fields left unset
+
+        bf16 (`bool`, *optional*):
+            With an accelerator, TRL's default (`True` unless `fp16`). On a CPU, `True` (bf16 autocast, float32 master
+            weights) where the CPU computes in bf16 natively (AVX512-BF16 or AMX: about 2-3x faster matrix products),
+            else `False`, since emulated bf16 is slower than float32. bf16 on a CPU sets `use_cpu=True`, which
+            transformers requires for it. Losses move by bf16 rounding (0.1-1% on SmolLM2-135M over a few
+            steps). On tiny models (hidden size ~100) the casts cost more than they save: set `bf16=False` there.
+        gradient_checkpointing (`bool`, *optional*):
+            With an accelerator, TRL's default (`True`). On a CPU, `False`: recomputing the forward pass costs 15-40% of
+            a step (SmolLM2-135M), and the models a CPU trains keep their activations in memory easily. `DSFTTrainer` turns
+            it back on, with a log line, when the longest batch's activations would not fit in half the available
+            memory. `activation_checkpointing` is the same setting under its transformers 5 name.
+        cpu_threads (`int`, *optional*):
+            Intra-op torch threads while training on a CPU. `None`: the cores other programs leave free (1-minute
+            load average), shared among the launch's processes on this machine, at most torch's own setting; on a
+            shared machine a thread that loses its core stalls every op. `0` leaves torch's setting alone, as does
+            `None` when `OMP_NUM_THREADS` is set. Ignored with an accelerator.
+        Whatever these are, `DSFTTrainer` on a CPU projects only the positions that carry a label through the LM
+        head (the same values; TRL projects every position there).
     """
 
     diverse_dataset: str | None = field(
@@ -112,16 +134,45 @@ class DSFTConfig(SFTConfig):
         default=False,
         metadata={"help": "Resume from a checkpoint even if its mixture fingerprint differs from this run's."},
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory. Unset: on with an accelerator (TRL's "
+            "default), off on a CPU while the activations fit in memory.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Torch threads while training on a CPU. Unset: the cores other programs leave free; 0: torch's "
+            "own setting."
+        },
+    )
 
     def __post_init__(self):
         self.check_delia_fields()
-        if self.bf16 is None and not self.fp16 and not has_accelerator():
-            self.bf16 = False  # TRL defaults to bf16, which fails on a CPU-only machine; train in float32 there
-        if self.dataloader_pin_memory and not has_accelerator():
+        accelerator = has_accelerator()
+        on_cpu = self.use_cpu or not accelerator
+        #: The fields this config set to delia's CPU defaults because they were left unset (see the docstring).
+        self.cpu_defaults: tuple[str, ...] = ()
+        if self.bf16 is None and not self.fp16 and on_cpu:
+            self.bf16 = native_bf16()  # TRL's bf16 default fails on a CPU-only machine, and emulated bf16 is slow
+            self.cpu_defaults += ("bf16",)
+        if self.bf16 and not accelerator:
+            self.use_cpu = True  # transformers accepts bf16 without a GPU only with use_cpu
+        if self.dataloader_pin_memory and not accelerator:
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch would warn on every dataloader
-        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
-            # transformers 5 renamed the field; TRL still sets the old name's default, which would warn on every run
+        if getattr(self, "activation_checkpointing", None) is None:
+            if self.gradient_checkpointing is None:
+                self.gradient_checkpointing = not on_cpu  # TRL's default with an accelerator
+                if on_cpu:
+                    self.cpu_defaults += ("gradient_checkpointing",)
+            # transformers 5 renamed the field; setting only the old name would warn on every run
             self.activation_checkpointing = self.gradient_checkpointing
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or self.cpu_threads < 0):
+            raise ValueError(f"cpu_threads must be None or an integer >= 0; got {self.cpu_threads!r}")
         super().__post_init__()
 
     def check_delia_fields(self) -> None:
@@ -144,8 +195,8 @@ def get_training_arguments(
 ) -> DSFTConfig:
     """A `DSFTConfig` with the original recipe; keyword `overrides` win.
 
-    Logs every step, 25 warmup steps then a constant rate, weight decay 0.01, gradient checkpointing, half precision
-    only on CUDA. `max_seq_length` maps to TRL's `max_length`. The original evaluated every step, which costs as much
+    Logs every step, 25 warmup steps then a constant rate, weight decay 0.01, gradient checkpointing and half
+    precision on CUDA (on a CPU both follow `DSFTConfig`'s CPU defaults). `max_seq_length` maps to TRL's `max_length`. The original evaluated every step, which costs as much
     as training on small batches; here evaluation runs 10 times per run (`eval_steps=0.1`) and `save_steps=100`.
     Pass `eval_strategy="no"` when there is no eval set.
     """
@@ -165,8 +216,8 @@ def get_training_arguments(
         "warmup_steps": 25,
         "lr_scheduler_type": "constant_with_warmup",
         "weight_decay": 0.01,
-        "gradient_checkpointing": True,
-        "bf16": bf16,
+        "gradient_checkpointing": True if cuda else None,
+        "bf16": bf16 if cuda else None,
         "fp16": cuda and not bf16,
     }
     settings.update(overrides)

@@ -98,6 +98,7 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
         eval_steps=0.125,
         save_strategy="no",
         gradient_checkpointing=False,
+        bf16=False if model is None else None,  # bf16 does not pay on the tiny model; a real one gets the CPU default
         report_to="none",
         disable_tqdm=True,
         seed=seed,

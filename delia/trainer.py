@@ -35,6 +35,7 @@ from trl.trainer.utils import get_config_model_id
 
 from .cache_writer import write_json_atomically
 from .config import DSFTConfig
+from .cpu import activation_bytes, available_memory, free_threads, score_label_positions_only, torch_threads
 from .data import SOURCES, MixturePlan, PreparedData, prepare_datasets
 from .data.fingerprint import mixture_fingerprint
 from .evaluation.token_loss import (
@@ -230,6 +231,8 @@ class DSFTTrainer(SFTTrainer):
             formatting_func=prepared.formatting_func,
         )
         expose_trainable_token_lm_head_bias(self.model)
+        if "gradient_checkpointing" in getattr(self.args, "cpu_defaults", ()):
+            self._checkpoint_if_activations_do_not_fit()
         if self._log_per_source:
             self.data_collator = SourceTaggingCollator(self.data_collator)
         self._token_loss = self._build_token_loss_tracker()
@@ -352,14 +355,57 @@ class DSFTTrainer(SFTTrainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ):
-        """`Trainer.train`, after checking that the checkpoint it resumes from was trained on this same mixture."""
+        """`Trainer.train`, after checking that the checkpoint it resumes from was trained on this same mixture; on a CPU
+        with `cpu_threads` torch threads (see `DSFTConfig`), restored afterwards."""
         checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
         if self.is_world_process_zero() and not self._mixture_written:
             self._mixture_written = self._write_mixture()
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+        with torch_threads(self._cpu_threads()):  # on a CPU, `cpu_threads` threads (see DSFTConfig), restored after
+            return super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+            )
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Per-source loss
+    # CPU: threads and gradient checkpointing
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _cpu_threads(self) -> int | None:
+        """The thread count to train with, or None to leave torch's setting alone."""
+        if self.args.device.type != "cpu" or self.args.cpu_threads == 0:
+            return None
+        if self.args.cpu_threads is None and os.environ.get("OMP_NUM_THREADS"):
+            return None
+        threads = self.args.cpu_threads or free_threads()
+        logger.info("Training on CPU with %d torch threads (cpu_threads=%s)", threads, self.args.cpu_threads)
+        return threads
+
+    def _checkpoint_if_activations_do_not_fit(self) -> None:
+        """Turn gradient checkpointing back on (delia's CPU default is off) if the activations of the longest batch
+        would take more than half the available memory."""
+        longest = self.args.max_length or 0
+        dataset = self.train_dataset
+        if isinstance(dataset, Dataset) and "input_ids" in dataset.column_names and len(dataset):
+            table = dataset.select_columns(["input_ids"]).with_format("arrow")[:]
+            longest = pc.max(pc.list_value_length(table.column("input_ids"))).as_py() or longest
+        model = self.accelerator.unwrap_model(self.model)
+        need = activation_bytes(model.config, self.args.per_device_train_batch_size * longest)
+        budget = available_memory() // 2
+        if need <= budget:
+            return
+        self.args.gradient_checkpointing = self.args.activation_checkpointing = True
+        if hasattr(model, "enable_input_require_grads") and getattr(model, "peft_config", None):
+            model.enable_input_require_grads()  # as SFTTrainer does for PEFT models with checkpointing
+        logger.info(
+            "Gradient checkpointing is on: a batch of %d x %d tokens may keep %.1f GB of activations, more than half "
+            "the %.1f GB available (set gradient_checkpointing=False to train without it)",
+            self.args.per_device_train_batch_size,
+            longest,
+            need / 1e9,
+            2 * budget / 1e9,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loss: label positions only in the LM head on CPU; per-source sums
     # ------------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -369,12 +415,14 @@ class DSFTTrainer(SFTTrainer):
     def _compute_loss_per_source(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         source_ids = inputs.pop("source_ids", None)
         if source_ids is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with score_label_positions_only():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # SFTTrainer's fused LM head returns per-token log-probs; catch them on the way out instead of recomputing.
         outputs_seen = []
         hook = model.register_forward_hook(lambda module, args, output: outputs_seen.append(output))
         try:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with score_label_positions_only():
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             hook.remove()
         fused = next((out for out in outputs_seen if getattr(out, "log_probs", None) is not None), None)
@@ -382,12 +430,19 @@ class DSFTTrainer(SFTTrainer):
             self._add_source_sums(fused.log_probs, fused.label_mask, source_ids)
         return result
 
+    @torch.no_grad()
     def _add_source_sums(self, log_probs: torch.Tensor, label_mask: torch.Tensor, source_ids: torch.Tensor) -> None:
+        """Add each row's NLL and loss-token count to its source's running sums (rows without a source are skipped).
+
+        Rows are reduced first, so only one number per row is copied or indexed, never a (rows, tokens) tensor.
+        """
         mode = "train" if self.model.training else "eval"
-        known = source_ids >= 0
-        ids = source_ids[known].to(log_probs.device)
-        nll = -log_probs.detach()[known].float().sum(dim=1)
-        tokens = label_mask[known].sum(dim=1).float()
+        nll = log_probs.sum(dim=1, dtype=torch.float32).neg_()
+        tokens = label_mask.sum(dim=1, dtype=torch.float32)
+        ids = source_ids.to(log_probs.device)
+        known = ids >= 0
+        if not bool(known.all()):
+            ids, nll, tokens = ids[known], nll[known], tokens[known]
         sums = self._source_sums.get(mode)
         if sums is None:
             sums = self._source_sums[mode] = torch.zeros(2, len(SOURCES), device=log_probs.device)

@@ -100,6 +100,7 @@ def make_config(tmp_path) -> Callable[..., DSFTConfig]:
             "report_to": "none",
             "save_strategy": "no",
             "gradient_checkpointing": False,
+            "bf16": False,  # float32, so that tests compare exactly on every CPU (delia's CPU default is bf16 where native)
             "dataloader_num_workers": 0,
             "seed": 0,
         }

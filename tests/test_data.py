@@ -607,12 +607,17 @@ def test_config_defaults_and_diverse_seed(tmp_path):
 
 
 def test_config_is_sane_without_an_accelerator(tmp_path, monkeypatch):
-    """TRL's bf16 default and pinned memory assume a GPU: on a CPU-only machine both turn off; with one they stay."""
+    """TRL's bf16 default and pinned memory assume a GPU: on a CPU-only machine, bf16 only where the CPU has it
+    natively (then with use_cpu, which transformers requires), no pinning; with an accelerator they stay."""
     import delia.config
 
     monkeypatch.setattr(delia.config, "has_accelerator", lambda: False)
+    monkeypatch.setattr(delia.config, "native_bf16", lambda: False)
     config = DSFTConfig(output_dir=str(tmp_path), report_to="none")
     assert config.bf16 is False and config.dataloader_pin_memory is False
+    monkeypatch.setattr(delia.config, "native_bf16", lambda: True)
+    config = DSFTConfig(output_dir=str(tmp_path), report_to="none")
+    assert config.bf16 is True and config.use_cpu is True and config.dataloader_pin_memory is False
     monkeypatch.setattr(delia.config, "has_accelerator", lambda: True)
     config = DSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
     assert config.dataloader_pin_memory is True

@@ -214,9 +214,11 @@ def test_training_arguments_follow_the_original_recipe(tmp_path):
     args = get_training_arguments(str(tmp_path), 1, 2e-4, 16, 4, max_seq_length=4096, report_to="none")
     assert args.max_length == 4096 and args.logging_steps == 1 and args.warmup_steps == 25
     assert args.lr_scheduler_type == "constant_with_warmup" and args.weight_decay == 0.01
-    assert args.gradient_checkpointing is True
-    if not torch.cuda.is_available():
-        assert args.bf16 is False and args.fp16 is False  # half precision only with CUDA
+    if torch.cuda.is_available():
+        assert args.gradient_checkpointing is True
+    else:  # on a CPU the precision and checkpointing follow DSFTConfig's CPU defaults
+        assert args.gradient_checkpointing is False and args.fp16 is False
+        assert args.cpu_defaults == ("bf16", "gradient_checkpointing")
     assert args.eval_steps == 0.1 and args.diverse_ratio == 100.0
     assert (
         get_training_arguments(str(tmp_path), 1, 2e-4, 16, 4, 128, report_to="none", eval_strategy="no").eval_strategy

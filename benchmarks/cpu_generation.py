@@ -1,0 +1,132 @@
+"""
+Self-sampling throughput on a CPU with a real model: generated tokens/s of `build_cache` (transformers backend) on
+SmolLM2-135M-Instruct, in float32 (what delia loads on a CPU) against bf16 weights, a static KV cache, and a static
+cache with torch.compile.
+
+What is measured: generated tokens per second inside `build_cache` (the `tokens` and `seconds` counts of
+`<output>.meta.json`, which include rendering, tokenizing and writing the rows), greedy with min_new_tokens =
+max_new_tokens, so every configuration generates exactly the same number of tokens. The queries are the first
+--queries of the bundled query cache (reproduce_self_sample/query_cache.jsonl), reference template, the default
+system prompt, batches of --batch-size sorted by prompt length, as `delia build-cache` runs by default.
+
+Configurations (each loads the model once, runs once untimed on a few queries to warm up, compiling where asked):
+    float32   the model as `delia build-cache` loads it on a CPU (float32, dynamic KV cache)
+    bf16      --dtype bfloat16: weights and activations in bf16
+    static    float32 with generation_config.cache_implementation="static"
+    compile   bf16 + static cache + torch.compile of the forward (transformers' CompileConfig, allowed on CPU)
+The configurations take turns, one whole `build_cache` call each, for --rounds rounds; the figure is the median.
+All of them run with the thread count delia trains with (`delia.cpu.free_threads`). Each line names the
+configuration, its median tokens/s and its ratio to float32; the last line is the best ratio.
+
+    python benchmarks/cpu_generation.py
+    python benchmarks/cpu_generation.py --configs float32,bf16 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from delia.build_cache import build_cache  # noqa: E402
+from delia.cpu import free_threads  # noqa: E402
+from delia.modeling import load_tokenizer_and_model  # noqa: E402
+from delia.models import resolve_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("float32", "bf16", "static", "compile")
+parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+parser.add_argument("--model", default="smollm2-135m-instruct", help="short name, folder or hub name")
+parser.add_argument("--queries", type=int, default=32)
+parser.add_argument("--batch-size", type=int, default=16)
+parser.add_argument("--new-tokens", type=int, default=32, help="min_new_tokens = max_new_tokens")
+parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+parser.add_argument("--threads", type=int, default=0, help="torch threads (0: delia's choice for training)")
+args = parser.parse_args()
+configs = args.configs.split(",")
+assert set(configs) <= set(CONFIGS) and "float32" in configs, f"--configs must name float32 and some of {CONFIGS}"
+
+transformers.logging.set_verbosity_error()
+logging.getLogger("delia").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore")
+torch.set_num_threads(args.threads or free_threads())
+model_path = resolve_model(args.model)
+queries = str(ROOT / "reproduce_self_sample" / "query_cache.jsonl")
+print(
+    f"model {args.model} ({model_path}); {args.queries} queries, batch {args.batch_size}, {args.new_tokens} new tokens "
+    f"each; {args.rounds} rounds; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+)
+
+
+def load(config: str):
+    """(tokenizer, model) set up for one configuration."""
+    tokenizer, model = load_tokenizer_and_model(
+        model_path, dtype="bfloat16" if config in ("bf16", "compile") else "float32", device="cpu"
+    )
+    if config in ("static", "compile"):
+        model.generation_config.cache_implementation = "static"
+    if config == "compile":
+        model.generation_config.compile_config = transformers.CompileConfig(dynamic=False)
+        model.generation_config.compile_config._compile_all_devices = True  # transformers compiles on GPUs only else
+    return tokenizer, model.eval()
+
+
+def sample(tokenizer, model, output: str, limit: int) -> tuple[int, float]:
+    """One build_cache call; returns (generated tokens, seconds)."""
+    build_cache(
+        model,
+        queries,
+        output,
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        temperature=0.0,
+        limit=limit,
+        resume=False,
+        overwrite=True,
+        keep_degenerate=True,
+        progress=False,
+    )
+    counts = json.loads(Path(f"{output}.meta.json").read_text())["counts"]
+    return counts["tokens"], counts["seconds"]
+
+
+rates: dict[str, list[float]] = {config: [] for config in configs}
+with tempfile.TemporaryDirectory() as workdir:
+    loaded = {}
+    for config in configs:
+        started = time.perf_counter()
+        loaded[config] = load(config)
+        sample(*loaded[config], os.path.join(workdir, f"warmup-{config}.jsonl"), limit=args.batch_size)
+        print(f"{config}: loaded and warmed up in {time.perf_counter() - started:.1f} s")
+    for round_index in range(args.rounds):
+        order = configs[round_index % len(configs) :] + configs[: round_index % len(configs)]
+        for config in order:
+            tokens, seconds = sample(*loaded[config], os.path.join(workdir, f"{config}.jsonl"), limit=args.queries)
+            if tokens != args.queries * args.new_tokens:
+                raise SystemExit(f"FAIL: {config} generated {tokens} tokens, expected {args.queries * args.new_tokens}")
+            rates[config].append(tokens / seconds)
+        print(f"round {round_index + 1}: " + ", ".join(f"{c} {rates[c][-1]:.1f}" for c in configs) + " tokens/s")
+
+baseline = statistics.median(rates["float32"])
+ratios = {}
+for config in configs:
+    median = statistics.median(rates[config])
+    ratios[config] = median / baseline
+    print(f"{config:<8} {median:8.1f} tokens/s  x{ratios[config]:.2f} of float32")
+best = max((c for c in configs if c != "float32"), key=ratios.get, default="float32")
+print(f"best={best} ratio={ratios[best]:.2f}")
