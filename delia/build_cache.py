@@ -534,7 +534,10 @@ def build_cache(
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `delia build-cache` arguments: the build_cache keywords, spelled --like-this."""
-    parser.add_argument("model", help="model folder or hub name (the served model name with --backend openai)")
+    parser.add_argument(
+        "model",
+        help="model folder, hub name or short name such as smollm2-135m-instruct (the served model name with --backend openai)",
+    )
     parser.add_argument(
         "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
     )

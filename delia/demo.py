@@ -167,7 +167,11 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="delia demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a model folder or hub name instead of the tiny local one")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model folder, hub name or short name (smollm2-135m-instruct) instead of the tiny local one",
+    )
     parser.add_argument("--output", default="runs/demo", help="run folder (created; an existing delia run is reused)")
     parser.add_argument("--ratio", type=float, default=4.0, help="diverse rows per downstream row")
     parser.add_argument("--seed", type=int, default=0)

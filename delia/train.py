@@ -36,7 +36,9 @@ from .trainer import DSFTTrainer
 class ModelArguments:
     """What to train and how the model is set up (training settings are DSFTConfig's)."""
 
-    model_name_or_path: str = field(metadata={"help": "model folder or hub name"})
+    model_name_or_path: str = field(
+        metadata={"help": "model folder, hub name or short name such as smollm2-135m-instruct (delia fetch-model)"}
+    )
     train_dataset: str = field(metadata={"help": "downstream rows: JSONL path, saved dataset folder or hub name"})
     eval_dataset: str | None = field(default=None, metadata={"help": "eval rows, same forms"})
     quantization: str = field(default="auto", metadata={"help": "auto (8-bit on CUDA), 4bit, 8bit or none"})

@@ -37,9 +37,11 @@ class VLLMBackend(Backend):
             from vllm import LLM
         except ImportError:
             raise ImportError("backend='vllm' needs vLLM: pip install 'delia-trl[vllm]' (CUDA machines only)") from None
+        from ..models import resolve_model
+
         self.batch_size = batch_size
         self.llm = LLM(
-            model=os.fspath(model),
+            model=resolve_model(model),  # a short name such as "smollm2-135m-instruct" too
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
