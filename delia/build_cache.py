@@ -71,6 +71,23 @@ def query_id(query: str) -> str:
     return hashlib.sha256(query.encode("utf-8")).hexdigest()[:16]
 
 
+def repeat_queries(queries: list[Query], samples_per_query: int) -> list[Query]:
+    """Each query `samples_per_query` times, sample k > 0 with id `<id>-<k>`: its own row, seed and resume entry.
+
+    Sample 0 keeps the query's plain id, so a cache of one reply per query is the first part of a larger one. With
+    a few hundred queries, several samples each give the several thousand diverse rows DELIA mixes in.
+    """
+    if isinstance(samples_per_query, bool) or not isinstance(samples_per_query, int) or samples_per_query < 1:
+        raise ValueError(f"samples_per_query must be a positive integer, got {samples_per_query!r}")
+    if samples_per_query == 1:
+        return queries
+    return [
+        query if sample == 0 else replace(query, id=f"{query.id}-{sample}")
+        for query in queries
+        for sample in range(samples_per_query)
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Queries
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,7 +274,7 @@ class CacheResult:
 
     path: str
     backend: str  # the backend that ran ("auto" resolved)
-    queries: int  # after deduplication and `limit`
+    queries: int  # after deduplication and `limit`, times `samples_per_query`
     skipped_already_done: int  # answered by an earlier run
     written: int
     dropped_degenerate: int
@@ -449,6 +466,7 @@ def build_cache(
     temperature: float = 0.7,
     top_p: float = 0.95,
     seed: int = 0,
+    samples_per_query: int = 1,
     min_new_tokens: int | None = None,
     resume: bool = True,
     overwrite: bool = False,
@@ -463,14 +481,15 @@ def build_cache(
     progress: bool = True,
     **backend_keywords: Any,
 ) -> CacheResult:
-    """Self-sample one reply per query into the JSONL `output` (appending, resumable); return what the run did.
+    """Self-sample one reply per query (`samples_per_query` each) into the JSONL `output` (appending, resumable).
 
     `model` is a model folder or hub name (transformers / vLLM backends), the served model name (openai backend), or
     a loaded model together with `tokenizer=`. `backend` is a backend name or a `BackendOptions`; its fields can also
     be given as keywords (`batch_size=`, `base_urls=`, `concurrency=`, `tensor_parallel_size=`, `dtype=`,
     `trust_remote_code=`, and `backend_options=` for `extra`: more constructor arguments, for example
     `{"max_retries": 2, "timeout": 30}` for openai, engine arguments for vLLM), which override it. Each request is
-    seeded from `seed` and its query's id (`delia.generation.request_seed`). The result stands for the output path
+    seeded from `seed` and its query's id (`delia.generation.request_seed`); the k-th extra sample of a query has id
+    `<id>-<k>`. The result stands for the output path
     (`os.fspath`, `str`); see the module docstring for the formats, and `<output>.meta.json` for what a run did.
     """
     options = BackendOptions.from_keywords(backend, backend_keywords)
@@ -490,6 +509,7 @@ def build_cache(
         split=split,
         need_reference=template == "reference",
     )[:limit]
+    all_queries = repeat_queries(all_queries, samples_per_query)
     described = {  # how the rows were made, for the meta file
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
         "backend": options.resolve(model),
@@ -498,6 +518,7 @@ def build_cache(
         "system_prompt": system_prompt,
         "sampling": asdict(sampling),
         "seed": seed,
+        "samples_per_query": samples_per_query,
         "batch_size": options.batch_size,
         "sort_by_length": sort_by_length,
         "keep_degenerate": keep_degenerate,
@@ -552,6 +573,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--samples-per-query", type=int, default=1, help="replies sampled per query (each its own row and seed)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N queries")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="refuse an existing output")
     parser.add_argument("--overwrite", action="store_true", help="with --no-resume: start the output over")

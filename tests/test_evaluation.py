@@ -284,7 +284,7 @@ def test_an_adapter_folder_evaluates_as_the_trained_model(tmp_path):
 
     args = DSFTConfig(
         output_dir=str(tmp_path / "run"), max_steps=3, learning_rate=5e-2, per_device_train_batch_size=4,
-        report_to="none", save_strategy="no", gradient_checkpointing=False, diverse_ratio=0,
+        report_to="none", save_strategy="no", gradient_checkpointing=False, diverse_ratio=0, bf16=False,
     )  # fmt: skip
     trainer = DSFTTrainer(
         model=model,

