@@ -95,11 +95,13 @@ def run_real_demo(
     cache_queries: int = CACHE_QUERIES,
     eval_limit: int | None = None,
     eval_max_new_tokens: int = 96,
+    general_queries: str | None = None,
 ) -> dict[str, Any]:
     """Run the real-model demo into `output`; return its summary (also written to summary.json).
 
     `max_new_tokens` bounds each self-sampled reply, `eval_max_new_tokens` each evaluated answer; `eval_limit`
-    evaluates only the first rows of the eval set (tests).
+    evaluates only the first rows of the eval set and `general_queries` replaces the bundled general queries of the
+    general NLL (tests).
     """
     import torch
 
@@ -166,6 +168,8 @@ def run_real_demo(
     eval_args = EvalArguments(
         max_new_tokens=eval_max_new_tokens, do_not=list(DEMO_DO_NOT), generation_batch_size=32, limit=eval_limit
     )
+    if general_queries is not None:
+        eval_args.general_queries = general_queries
     run_sweep(sweep, eval_args, model_args, args)
     timings["training and evaluation"] = time.perf_counter() - phase
 

