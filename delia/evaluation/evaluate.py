@@ -302,7 +302,8 @@ def evaluate_model(
         for row in rows
     ]
     backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    on_cpu = parameter is None or parameter.device.type == "cpu"
     if bf16_generation is None:
         bf16_generation = on_cpu and native_bf16()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_generation and on_cpu else contextlib.nullcontext()
