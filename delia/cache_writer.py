@@ -151,7 +151,7 @@ def merge_shards(output: str, order: dict[str, int]) -> int:
                 else:
                     rows.setdefault(str(row["id"]), row)
     ordered = sorted(rows.values(), key=lambda row: order.get(str(row["id"]), len(order))) + rows_without_id
-    _replace_atomically(
+    replace_atomically(
         output, lambda out: out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered)
     )
     for path in shards:
@@ -161,10 +161,10 @@ def merge_shards(output: str, order: dict[str, int]) -> int:
 
 def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     """Write `payload` as indented JSON to `path` in one step: a kill leaves the old file or the new one, never half."""
-    _replace_atomically(path, lambda out: out.write(json.dumps(payload, indent=2) + "\n"))
+    replace_atomically(path, lambda out: out.write(json.dumps(payload, indent=2) + "\n"))
 
 
-def _replace_atomically(path: str, write: Callable[[TextIO], Any]) -> None:
+def replace_atomically(path: str, write: Callable[[TextIO], Any]) -> None:
     """Write a temporary file next to `path` with `write`, flush and fsync it, then move it over `path`.
 
     If writing fails, the temporary file is removed and `path` is left as it was.

@@ -384,10 +384,10 @@ def evaluate_model(
 
 def write_report(folder: str | os.PathLike, report: dict[str, Any], generations: Sequence[dict[str, Any]]) -> str:
     """Write eval_report.json and eval_generations.jsonl into `folder`, each atomically; returns the report's path."""
-    from ..cache_writer import _replace_atomically, write_json_atomically
+    from ..cache_writer import replace_atomically, write_json_atomically
 
     os.makedirs(folder, exist_ok=True)
-    _replace_atomically(
+    replace_atomically(
         os.path.join(folder, GENERATIONS_FILE),
         lambda out: out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in generations),
     )

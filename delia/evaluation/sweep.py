@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cache_writer import _replace_atomically
+from ..cache_writer import replace_atomically
 from ..config import DSFTConfig, check_diverse_ratio
 from ..runtime import start_run_folder
 from .evaluate import (
@@ -339,8 +339,8 @@ def plot_metrics(
 def write_tables(rows: Sequence[dict[str, Any]], folder: str) -> str:
     """sweep.md and sweep.csv, each written atomically; returns the markdown."""
     table = markdown_table(rows)
-    _replace_atomically(os.path.join(folder, TABLE_FILE), lambda out: out.write(table + "\n"))
-    _replace_atomically(os.path.join(folder, CSV_FILE), lambda out: out.write(_csv_text(rows)))
+    replace_atomically(os.path.join(folder, TABLE_FILE), lambda out: out.write(table + "\n"))
+    replace_atomically(os.path.join(folder, CSV_FILE), lambda out: out.write(_csv_text(rows)))
     return table
 
 

@@ -36,7 +36,7 @@ RECIPE = HERE / "recipe.yaml"
 
 def cache_queries(output_dir: Path) -> Path:
     """The bundled general queries that the evaluation does not hold out, written to `output_dir` (atomically)."""
-    from delia.cache_writer import _replace_atomically
+    from delia.cache_writer import replace_atomically
     from delia.evaluation.evaluate import DEFAULT_GENERAL_QUERIES
 
     with open(DEFAULT_GENERAL_QUERIES, encoding="utf-8") as handle:
@@ -44,7 +44,7 @@ def cache_queries(output_dir: Path) -> Path:
     with open(BUNDLED_QUERIES, encoding="utf-8") as handle:
         rows = [line for line in handle if line.strip() and json.loads(line)["messages"][0]["content"] not in held_out]
     path = output_dir / "cache_queries.jsonl"
-    _replace_atomically(str(path), lambda out: out.writelines(rows))
+    replace_atomically(str(path), lambda out: out.writelines(rows))
     return path
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from delia.build_cache import build_cache
-    from delia.cache_writer import _replace_atomically
+    from delia.cache_writer import replace_atomically
     from delia.cpu import native_bf16
     from delia.evaluation import sweep
     from delia.models import resolve_model
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parts.append(Path(public.path))
             counts["written"] += public.counts()["written"]
-    _replace_atomically(str(cache), lambda out: [out.write(part.read_text(encoding="utf-8")) for part in parts])
+    replace_atomically(str(cache), lambda out: [out.write(part.read_text(encoding="utf-8")) for part in parts])
     timings["self-sampling"] = time.perf_counter() - phase
 
     phase = time.perf_counter()
