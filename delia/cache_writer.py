@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any
 
 
 def _last_newline(handle, size: int) -> int:
@@ -164,16 +164,28 @@ def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     replace_atomically(path, lambda out: out.write(json.dumps(payload, indent=2) + "\n"))
 
 
-def replace_atomically(path: str, write: Callable[[TextIO], Any]) -> None:
+def new_file_mode(path: str) -> int:
+    """The permissions a file written at `path` should get: the old file's, else what `open()` gives a new one."""
+    with contextlib.suppress(FileNotFoundError):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[Any], Any], binary: bool = False) -> None:
     """Write a temporary file next to `path` with `write`, flush and fsync it, then move it over `path`.
 
-    If writing fails, the temporary file is removed and `path` is left as it was.
+    If writing fails, the temporary file is removed and `path` is left as it was. The file keeps the old file's
+    permissions (a new one gets the umask's, not `mkstemp`'s owner-only 0600). `binary` hands `write` a bytes handle.
     """
+    path = os.fspath(path)
     handle, temporary = tempfile.mkstemp(
         dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}-"
     )
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+        os.chmod(temporary, new_file_mode(path))
+        with os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", encoding="utf-8") as out:
             write(out)
             out.flush()
             os.fsync(out.fileno())

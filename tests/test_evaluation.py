@@ -361,11 +361,13 @@ def test_compare_prints_the_reports_side_by_side(tmp_path, capsys):
 def test_sweep_table_gives_mean_and_std_over_seeds():
     from delia.evaluation.sweep import markdown_table, summarise
 
-    def run(parse_rate, nll, learned, steps=10):
+    def run(parse_rate, nll, learned, steps=10, probe=None):
         summary = {"parse_rate": parse_rate, "general_nll": nll, "format_learned": learned, "f1_yes": None}
-        return {"summary": summary, "training": {"steps": steps}}
+        layers = None if probe is None else {"layers": [{"layer": i, "score": score} for i, score in enumerate(probe)]}
+        return {"summary": summary, "training": {"steps": steps}, "probe": layers}
 
-    rows = summarise({"base": [run(0.0, 2.0, False)], "ratio-20": [run(0.5, 2.1, True), run(0.7, 2.3, False)]})
+    ratio_20 = [run(0.5, 2.1, True, probe=[0.0, 0.4]), run(0.7, 2.3, False, probe=[0.0, 0.8])]
+    rows = summarise({"base": [run(0.0, 2.0, False)], "ratio-20": ratio_20})
     assert rows[1]["runs"] == 2 and rows[1]["format_learned"] == 1 and rows[1]["steps"] == 10
     assert rows[1]["parse_rate_mean"] == pytest.approx(0.6) and rows[1]["parse_rate_std"] == pytest.approx(
         0.1414, abs=1e-4
@@ -374,6 +376,8 @@ def test_sweep_table_gives_mean_and_std_over_seeds():
     table = markdown_table(rows).splitlines()
     assert table[3].startswith("| ratio-20 | 2 | 10 | 1/2 | 60.0% ± 14.1 |") and "2.2000 ± 0.1414" in table[3]
     assert "| n/a |" in table[3]  # F1 measured in no run
+    assert rows[0]["probe_score_mean"] is None  # the base model is not probed
+    assert rows[1]["probe_score_mean"] == pytest.approx(0.3) and table[3].endswith("| 0.300 ± 0.141 |")
 
 
 def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
@@ -400,6 +404,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
         assert (folder / "adapter_config.json").exists()
         reports[ratio] = json.loads((folder / "eval_report.json").read_text())
         assert reports[ratio]["training"]["steps"] == 2
+        assert 0 < reports[ratio]["training"]["train_seconds"] < reports[ratio]["training"]["seconds"]
         assert reports[ratio]["general"]["n"] == 2  # the cache's queries are not held out
         assert reports[ratio]["seen_unseen"] == {"seen": None, "unseen": reports[ratio]["follow"]}  # bundled phrasings
     mixture = json.loads((output / "ratio-1" / "seed-3" / "delia_mixture.json").read_text())

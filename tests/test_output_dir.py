@@ -109,3 +109,27 @@ def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(tmp_path, mo
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "EFBIG", result.stderr[-2000:]
     assert record.read_bytes() == before and sorted(path.name for path in tmp_path.iterdir()) == [record.name]
+
+
+def test_atomic_writes_keep_a_files_permissions_and_give_new_files_the_umasks(tmp_path):
+    from delia.cache_writer import replace_atomically
+    from delia.evaluation.sweep import plot_metrics
+
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.txt"
+        replace_atomically(fresh, lambda out: out.write("a\n"))
+        assert fresh.read_text() == "a\n" and fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old\n")
+        kept.chmod(0o640)
+        replace_atomically(kept, lambda out: out.write(b"new\n"), binary=True)
+        assert kept.read_text() == "new\n" and kept.stat().st_mode & 0o777 == 0o640
+        rows = [{"run": "ratio-0", "parse_rate_mean": 0.5, "parse_rate_std": None}]
+        (path,) = plot_metrics(rows, str(tmp_path), file_format="svg", metrics=["parse_rate"])
+        assert (
+            open(path, encoding="utf-8").read().lstrip().startswith("<?xml") and os.stat(path).st_mode & 0o777 == 0o644
+        )
+        assert sorted(name for name in os.listdir(tmp_path) if name.startswith(".")) == []  # no temporary left
+    finally:
+        os.umask(old_umask)

@@ -125,3 +125,23 @@ def test_small_reproduction_self_samples_only_queries_the_evaluation_does_not_ho
         json.loads(line)["messages"][0]["content"] for line in open(demo_file("queries.jsonl"), encoding="utf-8")
     }
     assert len(rows) == 240 - 128 and not set(rows) & held_out
+
+
+def test_small_reproduction_describes_the_whole_cache_and_counts_reused_runs(tmp_path):
+    script = load_reproduce_script()
+    cache = tmp_path / "diverse_cache.jsonl"
+    rows = [
+        {"finish_reason": "length", "num_tokens": 96},
+        {"finish_reason": "stop", "num_tokens": 20},
+        {"finish_reason": "stop", "num_tokens": 40},
+    ]
+    cache.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert (
+        script.describe_cache(cache) == "3 self-sampled rows (1 cut at the token limit, 52 tokens per reply on average)"
+    )
+    assert script.finished_runs(tmp_path) == 0
+    for folder in ("base", "ratio-0/seed-0", "ratio-4/seed-1"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "eval_report.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "ratio-4" / "seed-2").mkdir()  # started, not evaluated: not reused
+    assert script.finished_runs(tmp_path) == 3

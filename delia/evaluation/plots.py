@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,16 +131,10 @@ def run_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 def save_figure(figure: Any, path: str | os.PathLike) -> None:
     """Write a PNG next to its destination, then move it into place, so a kill never leaves half an image."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    from ..cache_writer import replace_atomically
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), binary=True)
 
 
 def _panels(count: int, title: str):

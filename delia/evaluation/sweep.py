@@ -25,10 +25,10 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..cache_writer import replace_atomically
@@ -55,6 +55,7 @@ METRICS = (
     ("dict_rate_do_not", "dict rate, DO-NOT", "rate"),
     ("sensitivity", "sensitivity", "points"),
     ("general_nll", "general NLL/token", "nll"),
+    ("probe_score", "<sep> probe", "score"),
 )
 TABLE_FILE, CSV_FILE = "sweep.md", "sweep.csv"
 
@@ -166,7 +167,7 @@ def train_and_evaluate(
         trainer = build_trainer(model_args, run_args)
     except (ValueError, OSError) as error:
         raise SweepInputError(f"{ratio_name(ratio)}, seed {seed}: {error}") from None
-    trainer.train()
+    train_seconds = trainer.train().metrics.get("train_runtime")
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the log history, for `delia plot`
     # Without the autocast wrapper accelerate put on forward for mixed precision: evaluated as the base model is
@@ -181,7 +182,8 @@ def train_and_evaluate(
         "training": {
             "steps": trainer.state.global_step,
             "rows": {source: stats.get("rows") for source, stats in trainer.mixture["sources"].items()},
-            "seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": train_seconds,  # the optimizer steps alone
+            "seconds": round(time.perf_counter() - started, 1),  # loading, training, evaluation and probe
         },
         "probe": probed,
         **report,
@@ -242,6 +244,14 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
 
 
+def _metric(run: dict[str, Any], key: str) -> float | None:
+    """A run's value of a table metric: its eval summary's, or for `probe_score` its probe's mean over layers."""
+    if key != "probe_score":
+        return run["summary"].get(key)
+    layers = (run.get("probe") or {}).get("layers") or []
+    return statistics.fmean(layer["score"] for layer in layers) if layers else None
+
+
 def summarise(reports: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per ratio (and the base): runs, format learned in how many, mean and std of every metric."""
     rows = []
@@ -253,7 +263,7 @@ def summarise(reports: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "steps": _mean_std([run.get("training", {}).get("steps") for run in runs])[0],
         }
         for key, _, _ in METRICS:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([run["summary"].get(key) for run in runs])
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([_metric(run, key) for run in runs])
         rows.append(row)
     return rows
 
@@ -306,8 +316,10 @@ def plot_metrics(
 
     paths = []
     for key, label, _ in METRICS:
+        if metrics is not None and key not in metrics:
+            continue
         means = [row[f"{key}_mean"] for row in rows]
-        if all(mean is None for mean in means) or (metrics is not None and key not in metrics):
+        if all(mean is None for mean in means):
             continue
         figure, axes = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.5))
         positions = range(len(rows))
@@ -323,15 +335,10 @@ def plot_metrics(
         axes.set_title(f"{label} by diverse ratio")
         figure.tight_layout()
         path = os.path.join(folder, f"sweep_{key}.{file_format}")
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".sweep-", suffix=f".{file_format}")
-        os.close(handle)
         try:
-            figure.savefig(temporary, dpi=110)
-            os.replace(temporary, path)
+            replace_atomically(path, partial(figure.savefig, format=file_format, dpi=110), binary=True)
         finally:
             plt.close(figure)
-            if os.path.exists(temporary):
-                os.remove(temporary)
         paths.append(path)
     return paths
 

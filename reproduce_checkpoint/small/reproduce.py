@@ -48,6 +48,24 @@ def cache_queries(output_dir: Path) -> Path:
     return path
 
 
+def describe_cache(path: Path) -> str:
+    """The cache file's rows, how many were cut at the token limit, and their mean length (read from the file itself,
+    so a resumed call describes the whole cache, not only what it added)."""
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    cut = sum(row.get("finish_reason") == "length" for row in rows)
+    tokens = [row["num_tokens"] for row in rows if isinstance(row.get("num_tokens"), int)]
+    mean = f", {sum(tokens) / len(tokens):.0f} tokens per reply on average" if tokens else ""
+    return f"{len(rows)} self-sampled rows ({cut} cut at the token limit{mean})"
+
+
+def finished_runs(output_dir: Path) -> int:
+    """Evaluated runs already in `output_dir` (the base and every ratio/seed): a second call reuses them."""
+    return len(list(output_dir.glob("base/eval_report.json"))) + len(
+        list(output_dir.glob("ratio-*/seed-*/eval_report.json"))
+    )
+
+
 def hardware() -> str:
     """CPU model, cores and memory, in one line."""
     import psutil
@@ -81,7 +99,7 @@ def svg_figures(output_dir: Path) -> list[str]:
     for folder in ratios:
         runs = sorted(folder.glob("seed-*/eval_report.json"))
         reports[folder.name] = [read_report(path.parent) for path in runs]
-    keys = ("dict_rate_follow", "accuracy", "dict_rate_do_not", "general_nll")
+    keys = ("dict_rate_follow", "accuracy", "dict_rate_do_not", "general_nll", "probe_score")
     return plot_metrics(summarise(reports), str(output_dir), file_format="svg", metrics=keys)
 
 
@@ -136,10 +154,17 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"Public queries {options.public_queries!r} not used: {str(error).splitlines()[0][:200]}")
         else:
             parts.append(Path(public.path))
-            counts["written"] += public.counts()["written"]
+            for key in ("written", "skipped_already_done", "dropped_degenerate"):
+                counts[key] += public.counts()[key]
     replace_atomically(str(cache), lambda out: [out.write(part.read_text(encoding="utf-8")) for part in parts])
     timings["self-sampling"] = time.perf_counter() - phase
 
+    reused = finished_runs(output_dir)
+    if counts["skipped_already_done"] or reused:
+        notes.append(
+            f"Resumed: {counts['skipped_already_done']} cache rows and {reused} evaluated runs came from an earlier "
+            "call; the wall time above covers this call only."
+        )
     phase = time.perf_counter()
     status = sweep.main(
         ["--config", str(RECIPE), "--diverse_dataset", str(cache), "--output_dir", str(output_dir), *sweep_argv]
@@ -156,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python reproduce_checkpoint/small/reproduce.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
         f"Hardware: {hardware()}",
-        f"Diverse cache: {counts['written']} self-sampled rows ({counts.get('dropped_degenerate', 0)} degenerate "
-        f"dropped, {counts.get('hit_max_new_tokens', 0)} cut at {options.cache_max_new_tokens} tokens)",
+        f"Diverse cache: {describe_cache(cache)}; {counts['dropped_degenerate']} degenerate replies dropped in this "
+        "call",
         f"Wall time: {total / 60:.1f} min ("
         + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items())
         + ")",
