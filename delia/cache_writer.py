@@ -13,7 +13,7 @@ import glob
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -164,28 +164,29 @@ def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     replace_atomically(path, lambda out: out.write(json.dumps(payload, indent=2) + "\n"))
 
 
-def new_file_mode(path: str) -> int:
-    """The permissions a file written at `path` should get: the old file's, else what `open()` gives a new one."""
-    with contextlib.suppress(FileNotFoundError):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _create_temporary(path: str) -> tuple[int, str]:
+    """A new, uniquely named file next to `path`, created with the umask's permissions (`mkstemp` forces 0600)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        temporary = os.path.join(folder, f".{name}-{secrets.token_hex(6)}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Any], Any], binary: bool = False) -> None:
     """Write a temporary file next to `path` with `write`, flush and fsync it, then move it over `path`.
 
     If writing fails, the temporary file is removed and `path` is left as it was. The file keeps the old file's
-    permissions (a new one gets the umask's, not `mkstemp`'s owner-only 0600). `binary` hands `write` a bytes handle.
+    permissions; a new one gets what `open()` would give it. `binary` hands `write` a bytes handle.
     """
     path = os.fspath(path)
-    handle, temporary = tempfile.mkstemp(
-        dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}-"
-    )
+    handle, temporary = _create_temporary(path)
     try:
-        os.chmod(temporary, new_file_mode(path))
         with os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", encoding="utf-8") as out:
+            with contextlib.suppress(FileNotFoundError):  # an existing file keeps its permissions
+                os.fchmod(out.fileno(), os.stat(path).st_mode & 0o7777)
             write(out)
             out.flush()
             os.fsync(out.fileno())
