@@ -425,9 +425,14 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(delia.train, "build_trainer", no_training)
-    assert main(command) == 0
+    assert not (output / "sweep_general_nll.svg").exists()
+    assert main(command + ["--figure_formats", "png", "svg"]) == 0  # the figures' formats are not a run setting
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
     assert (output / "sweep.md").read_text().splitlines() == table
+    assert (output / "sweep_general_nll.svg").read_text().lstrip().startswith("<?xml")
+    assert main(command + ["--figure_formats", "bmpx"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--figure_formats: 'bmpx' is not one of" in error and len(error.splitlines()) == 1
 
     # Other settings in the same folder: refused, not silently mixed
     changed = [

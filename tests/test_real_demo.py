@@ -114,7 +114,7 @@ def test_small_reproduction_recipe_parses_as_delia_sweep_options(tmp_path):
     assert args.max_steps > 0 and args.diverse_dataset == "cache.jsonl" and args.output_dir == str(tmp_path)
     assert model_args.model_name_or_path == "smollm2-135m-instruct" and model_args.new_tokens == ["<sep>"]
     assert Path(model_args.train_dataset).is_file() and Path(model_args.eval_dataset).is_file()
-    assert eval_args.max_new_tokens == 96
+    assert eval_args.max_new_tokens == 96 and "svg" in sweep.figure_formats  # the README's figures
 
 
 def test_small_reproduction_self_samples_only_queries_the_evaluation_does_not_hold_out(tmp_path):

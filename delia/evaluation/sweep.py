@@ -76,6 +76,10 @@ class SweepArguments:
     )
     include_base: bool = field(default=True, metadata={"help": "also evaluate the base model (row 'base')"})
     probe: bool = field(default=True, metadata={"help": "probe each trained run (delia probe's <sep> scores)"})
+    figure_formats: list[str] = field(
+        default_factory=lambda: ["png"],
+        metadata={"help": "file formats of the sweep_<metric> figures, e.g. png svg (svg: text, fit for a README)"},
+    )
 
     def __post_init__(self):
         if self.budget not in BUDGETS:
@@ -84,6 +88,12 @@ class SweepArguments:
             raise ValueError("--ratios needs at least one diverse ratio, e.g. --ratios 0 20 67 260")
         ratios = [check_diverse_ratio(ratio) for ratio in self.ratios]
         self.ratios = list(dict.fromkeys(ratios))
+        import matplotlib.figure
+
+        writable = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+        for file_format in self.figure_formats:
+            if file_format not in writable:
+                raise ValueError(f"--figure_formats: {file_format!r} is not one of {', '.join(sorted(writable))}")
 
 
 def ratio_name(ratio: float) -> str:
@@ -391,7 +401,8 @@ def run_sweep(
             reports.setdefault(ratio_name(ratio), []).append(report)
     rows = summarise(reports)
     write_tables(rows, args.output_dir)
-    plot_metrics(rows, args.output_dir)
+    for file_format in sweep.figure_formats:
+        plot_metrics(rows, args.output_dir, file_format=file_format)
     return rows
 
 
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delia sweep: error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
-    print(f"\nsweep folder: {args.output_dir} ({TABLE_FILE}, {CSV_FILE}, sweep_<metric>.png, one folder per run)")
+    print(f"\nsweep folder: {args.output_dir} ({TABLE_FILE}, {CSV_FILE}, sweep_<metric> figures, one folder per run)")
     leave_process_group()
     return 0
 

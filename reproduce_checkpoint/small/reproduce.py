@@ -10,9 +10,9 @@
    with instruction/output fields, e.g. tatsu-lab/alpaca) and the hub reachable, the first `--public_limit` of those
    queries are answered once each as well; unreachable, the run goes on with the bundled queries and says so.
 3. `delia sweep --config reproduce_checkpoint/small/recipe.yaml`: the base model, then plain SFT (ratio 0) and DELIA
-   at the recipe's ratios, each seed, the same optimizer steps, each run evaluated and probed.
-4. `results.md` in the output folder: the sweep table, the hardware, the wall time of each phase; and the main
-   figures again as SVG (`sweep_<metric>.svg`), the form `reproduce_checkpoint/small/figures/` keeps them in.
+   at the recipe's ratios, each seed, the same optimizer steps, each run evaluated and probed; its figures as PNG and
+   SVG (`sweep_<metric>.svg`, the form `reproduce_checkpoint/small/figures/` keeps them in).
+4. `results.md` in the output folder: the sweep table, the hardware, the wall time of each phase.
 
 Options after `--` go to `delia sweep` unchanged (e.g. `-- --learning_rate 5e-4`). The cache and every finished run
 are reused by a second call with the same settings, so a killed run picks up where it stopped.
@@ -87,22 +87,6 @@ def hardware() -> str:
     )
 
 
-def svg_figures(output_dir: Path) -> list[str]:
-    """The sweep's main figures again as SVG (text: they can sit in a README), from the run folders' reports."""
-    from delia.evaluation.evaluate import read_report
-    from delia.evaluation.sweep import plot_metrics, summarise
-
-    reports: dict[str, list] = {}
-    if (output_dir / "base" / "eval_report.json").is_file():
-        reports["base"] = [read_report(output_dir / "base")]
-    ratios = sorted(output_dir.glob("ratio-*"), key=lambda path: float(path.name[len("ratio-") :]))
-    for folder in ratios:
-        runs = sorted(folder.glob("seed-*/eval_report.json"))
-        reports[folder.name] = [read_report(path.parent) for path in runs]
-    keys = ("dict_rate_follow", "accuracy", "dict_rate_do_not", "general_nll", "probe_score")
-    return plot_metrics(summarise(reports), str(output_dir), file_format="svg", metrics=keys)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="runs/small-sep")
@@ -173,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return status
 
-    svg_figures(output_dir)
     total = time.perf_counter() - started
     table = (output_dir / sweep.TABLE_FILE).read_text(encoding="utf-8")
     lines = [
