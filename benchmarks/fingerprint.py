@@ -88,7 +88,7 @@ try:
         fingerprints.add(mixture_fingerprint(prepared, downstream, cache)["combined"])
         times["fingerprint"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        hash_rows(prepared.unshuffled, prepared.plan.order())
+        hash_rows(prepared.unshuffled, prepared.order)
         times["rows"].append(time.perf_counter() - start)
         start = time.perf_counter()
         file_identity(cache), file_identity(downstream)

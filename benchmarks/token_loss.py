@@ -1,5 +1,5 @@
 """
-Tracked-token loss: `track_tokens` (delia.evaluation.token_loss) against the original DELIA code's approach.
+Tracked-token loss: `track_tokens` (delia.token_loss) against the original DELIA code's approach.
 
 The original (a CustomSFTTrainer.compute_loss, re-implemented here from its description) took the full logits of each
 eval batch and, for every row, kept the unpadded positions, decoded every token alone with `tokenizer.decode`, and for
@@ -50,14 +50,14 @@ from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback  # noqa: E402
 
 from delia import DSFTConfig, DSFTTrainer, add_new_tokens  # noqa: E402
-from delia.evaluation.token_loss import (  # noqa: E402
+from delia.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from delia.token_loss import (  # noqa: E402
     backbone_of,
     known_log_probs,
     output_logits_fn,
     tracked_token_nll,
     valid_targets,
 )
-from delia.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 TRACKED_TEXT = ("'", "<sep>")  # what the original looked for in each decoded token
 

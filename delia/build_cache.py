@@ -33,18 +33,11 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .cache_writer import (
-    CacheWriter,
-    done_ids,
-    merge_shards,
-    repair_tail,
-    shard_path,
-    shard_paths,
-    write_json_atomically,
-)
+from .cache_writer import CacheWriter, done_ids, merge_shards, shard_path, shard_paths
 from .data import DataFormatError, DatasetOrigin, read_dataset, validate_conversations
 from .generation.base import Backend, Conversation, Generation, SamplingConfig
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
+from .io import repair_tail, write_json_atomically
 from .runtime import leave_process_group, process_state
 
 BACKENDS = ("auto", "transformers", "vllm", "openai")

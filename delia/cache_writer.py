@@ -8,78 +8,19 @@ complete row that only lacks its newline, the newline is added.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import re
-import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-
-def _last_newline(handle, size: int) -> int:
-    """Offset of the last b"\\n" in the file, or -1."""
-    position, chunk = size, 1 << 16
-    while position > 0:
-        start = max(0, position - chunk)
-        handle.seek(start)
-        found = handle.read(position - start).rfind(b"\n")
-        if found >= 0:
-            return start + found
-        position = start
-    return -1
-
-
-def repair_tail(path: str) -> str | None:
-    """Make `path` end with a complete line; return where a partial last line was saved, if there was one."""
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb+") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size == 0:
-            return None
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return None
-        cut = _last_newline(handle, size) + 1
-        handle.seek(cut)
-        tail = handle.read()
-        try:
-            complete = isinstance(json.loads(tail), dict)
-        except ValueError:
-            complete = False
-        if complete:
-            handle.seek(size)
-            handle.write(b"\n")
-            return None
-        saved = f"{path}.partial"
-        with open(saved, "ab") as partial:
-            partial.write(tail + b"\n")
-            partial.flush()
-            os.fsync(partial.fileno())
-        handle.truncate(cut)
-        handle.flush()
-        os.fsync(handle.fileno())
-        return saved
+from .io import iter_jsonl, repair_tail, replace_atomically
 
 
 def read_rows(path: str) -> Iterator[dict[str, Any]]:
     """The rows of a cache file; a line that is not a JSON object is an error naming the file and line."""
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise ValueError(
-                    f"{path}, line {line_number}: not valid JSON ({error}); only the last line can be repaired "
-                    "automatically, so fix or move this file"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            yield row
+    return (row for _, row in iter_jsonl(path))
 
 
 def done_ids(paths: Iterable[str]) -> set[str]:
@@ -157,41 +98,3 @@ def merge_shards(output: str, order: dict[str, int]) -> int:
     for path in shards:
         os.remove(path)
     return len(ordered)
-
-
-def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
-    """Write `payload` as indented JSON to `path` in one step: a kill leaves the old file or the new one, never half."""
-    replace_atomically(path, lambda out: out.write(json.dumps(payload, indent=2) + "\n"))
-
-
-def _create_temporary(path: str) -> tuple[int, str]:
-    """A new, uniquely named file next to `path`, created with the umask's permissions (`mkstemp` forces 0600)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    while True:
-        temporary = os.path.join(folder, f".{name}-{secrets.token_hex(6)}")
-        try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
-        except FileExistsError:
-            continue
-
-
-def replace_atomically(path: str | os.PathLike, write: Callable[[Any], Any], binary: bool = False) -> None:
-    """Write a temporary file next to `path` with `write`, flush and fsync it, then move it over `path`.
-
-    If writing fails, the temporary file is removed and `path` is left as it was. The file keeps the old file's
-    permissions; a new one gets what `open()` would give it. `binary` hands `write` a bytes handle.
-    """
-    path = os.fspath(path)
-    handle, temporary = _create_temporary(path)
-    try:
-        with os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", encoding="utf-8") as out:
-            with contextlib.suppress(FileNotFoundError):  # an existing file keeps its permissions
-                os.fchmod(out.fileno(), os.stat(path).st_mode & 0o7777)
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise

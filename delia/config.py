@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -9,8 +10,27 @@ import torch
 from trl import SFTConfig
 
 from .cpu import native_bf16
-from .data.mixing import SAMPLING_MODES, check_diverse_ratio, check_diverse_sampling
 from .runtime import has_accelerator
+
+SAMPLING_MODES = ("auto", "without_replacement", "with_replacement")
+
+
+def check_diverse_ratio(value: object) -> float:
+    """Return `value` as a float, or raise a ValueError naming it unless it is a finite number >= 0."""
+    try:
+        ratio = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(ratio) or ratio < 0:
+        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}")
+    return ratio
+
+
+def check_diverse_sampling(value: object) -> str:
+    """Return `value` if it names a sampling mode, else raise a ValueError that lists the modes."""
+    if value not in SAMPLING_MODES:
+        raise ValueError(f"diverse_sampling must be one of {', '.join(SAMPLING_MODES)}; got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def check_track_tokens(value: object) -> list[str | int] | None:

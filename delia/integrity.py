@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -24,12 +23,12 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .cache_writer import write_json_atomically
 from .data.fingerprint import fingerprint_differences
+from .io import read_json_or_none, write_json_atomically
+from .run_files import CHECKPOINT_RECORD
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RECORD = "delia_checkpoint.json"
 OVERRIDE_HINT = "pass allow_mixture_change=True (delia train: --allow_mixture_change true) to resume anyway"
 
 
@@ -98,11 +97,7 @@ def find_checkpoint(output_dir: str, allow_incomplete: bool = False) -> str | No
 
 def read_checkpoint_record(checkpoint: str) -> dict[str, Any] | None:
     """The record a checkpoint folder holds, or None when it has none (or not a readable one)."""
-    try:
-        with open(os.path.join(checkpoint, CHECKPOINT_RECORD), encoding="utf-8") as handle:
-            record = json.load(handle)
-    except (OSError, ValueError):
-        return None
+    record = read_json_or_none(os.path.join(checkpoint, CHECKPOINT_RECORD))
     return record if isinstance(record, dict) else None
 
 

@@ -22,8 +22,8 @@ import sys
 import time
 from typing import Any
 
-from .cache_writer import write_json_atomically
 from .demo import demo_file
+from .io import write_json_atomically
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: The bundled general queries the demo self-samples; the rest (32 of 128) are held out for the general NLL.

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-MIXTURE_FILE = "delia_mixture.json"
+from .run_files import MIXTURE_FILE, PROBE_PREFIX, RUN_MARKER
 
 
 def has_accelerator() -> bool:
@@ -47,12 +47,6 @@ def leave_process_group() -> None:
     gc.collect()
     time.sleep(0.2)  # releases the GIL: gloo's threads finish destroying completed work
     torch.distributed.destroy_process_group()
-
-
-RUN_MARKER = ".delia-run"
-
-
-PROBE_PREFIX = ".delia-probe-"
 
 
 def check_output_dir(output_dir: str) -> None:

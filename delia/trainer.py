@@ -6,7 +6,7 @@ mixture in `output_dir/delia_mixture.json`, and passes the result to `SFTTrainer
 labels. When something was mixed in, the collator is wrapped so each row's `source` reaches `compute_loss`, which adds
 per-source NLL and token counts to running sums; `log()` turns them into `loss_downstream` / `loss_diverse` (and
 `eval_loss_*`) and resets them. With `track_tokens`, each eval forward
-is also watched for the tracked tokens' loss (`delia.evaluation.token_loss`), logged and appended to token_loss.jsonl.
+is also watched for the tracked tokens' loss (`delia.token_loss`), logged and appended to token_loss.jsonl.
 
 The mixture's fingerprint (`delia.data.fingerprint`) is computed at init, compared across processes, recorded in
 `delia_mixture.json` and in every checkpoint, and checked when training resumes (`delia.integrity`).
@@ -33,27 +33,26 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .cache_writer import write_json_atomically
 from .config import DSFTConfig
 from .cpu import activation_bytes, available_memory, free_threads, score_label_positions_only, torch_threads
 from .data import SOURCES, MixturePlan, PreparedData, prepare_datasets
 from .data.fingerprint import mixture_fingerprint
-from .evaluation.token_loss import (
-    TOKEN_LOSS_FILE,
-    TokenLossTracker,
-    append_record,
-    backbone_of,
-    token_loss_metrics,
-    token_loss_record,
-)
 from .integrity import (
     CheckpointRecordCallback,
     check_checkpoint,
     check_same_mixture_on_every_process,
     find_checkpoint,
 )
+from .io import write_json_atomically
 from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
-from .runtime import MIXTURE_FILE
+from .run_files import MIXTURE_FILE, TOKEN_LOSS_FILE
+from .token_loss import (
+    TokenLossTracker,
+    append_record,
+    backbone_of,
+    token_loss_metrics,
+    token_loss_record,
+)
 
 logger = logging.getLogger(__name__)
 

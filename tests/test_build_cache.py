@@ -187,7 +187,7 @@ def test_merging_keeps_rows_without_an_id(tmp_path):
 
 
 def test_json_sidecar_is_synced_then_replaced_in_one_step(tmp_path, monkeypatch):
-    from delia.cache_writer import write_json_atomically
+    from delia.io import write_json_atomically
 
     synced: list[int] = []
     fsync = os.fsync

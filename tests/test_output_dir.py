@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import downstream_rows, write_jsonl
 
-from delia.cache_writer import write_json_atomically
 from delia.cli import main
+from delia.io import write_json_atomically
 
 REPOSITORY = Path(__file__).parents[1]
 
@@ -97,7 +97,7 @@ def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(tmp_path, mo
 
     # the disk fills up part-way through the write (a file size limit: EFBIG where a full disk gives ENOSPC)
     script = (
-        "import errno, resource, signal, sys\nfrom delia.cache_writer import write_json_atomically\n"
+        "import errno, resource, signal, sys\nfrom delia.io import write_json_atomically\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
         "try:\n"
@@ -112,8 +112,8 @@ def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(tmp_path, mo
 
 
 def test_atomic_writes_keep_a_files_permissions_and_give_new_files_the_umasks(tmp_path):
-    from delia.cache_writer import replace_atomically
     from delia.evaluation.sweep import plot_metrics
+    from delia.io import replace_atomically
 
     old_umask = os.umask(0o022)
     try:

@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 from delia import prepare_datasets
 from delia.cli import main
 from delia.data.fingerprint import mixture_fingerprint
-from delia.integrity import CHECKPOINT_RECORD
-from delia.runtime import MIXTURE_FILE
+from delia.run_files import CHECKPOINT_RECORD, MIXTURE_FILE
 from delia.tiny import save_tiny_model
 
 LOSSES = ("loss", "loss_downstream", "loss_diverse")

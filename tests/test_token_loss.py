@@ -11,7 +11,8 @@ from datasets import Dataset
 from transformers import HfArgumentParser
 
 from delia import DSFTConfig, DSFTTrainer, add_new_tokens, get_peft_config
-from delia.evaluation.token_loss import TOKEN_LOSS_FILE, resolve_track_tokens, valid_targets
+from delia.run_files import TOKEN_LOSS_FILE
+from delia.token_loss import resolve_track_tokens, valid_targets
 
 TRACKED = ["<sep>", "'", "</s>", "<|im_start|>"]  # </s> is also the padding; <|im_start|> never occurs here
 

@@ -12,7 +12,7 @@ from conftest import diverse_rows, downstream_rows, write_jsonl
 from datasets import Dataset
 
 from delia import DSFTConfig, DSFTTrainer, add_new_tokens
-from delia.trainer import MIXTURE_FILE
+from delia.run_files import MIXTURE_FILE
 
 
 def make_trainer(make_tokenizer, make_model, make_config, template="llama2", tied=True, **kwargs):

@@ -109,7 +109,7 @@ def mixture_fingerprint(prepared: PreparedData, downstream: Any, diverse: Any) -
     identities of the `downstream` and `diverse` sources as given, and a `combined` hash of them all."""
     rows_sha256, rows = None, None
     if prepared.unshuffled is not None:  # hash the mixed rows where they lie, then the interleave order
-        rows_sha256, rows = hash_rows(prepared.unshuffled, prepared.plan.order()), len(prepared.train_dataset)
+        rows_sha256, rows = hash_rows(prepared.unshuffled, prepared.order), len(prepared.train_dataset)
     elif isinstance(prepared.train_dataset, Dataset):
         rows_sha256, rows = hash_rows(prepared.train_dataset), len(prepared.train_dataset)
     files = {"downstream_file": file_identity(downstream), "diverse_file": file_identity(diverse)}

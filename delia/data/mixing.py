@@ -21,32 +21,12 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Value, concatenate_datasets
 
+from ..config import check_diverse_ratio, check_diverse_sampling
 from . import forms
 from .reading import DataFormatError, DatasetOrigin, read_dataset
 from .rules import validate_conversations
 
 logger = logging.getLogger(__name__)
-
-SAMPLING_MODES = ("auto", "without_replacement", "with_replacement")
-
-
-def check_diverse_ratio(value: object) -> float:
-    """Return `value` as a float, or raise a ValueError naming it unless it is a finite number >= 0."""
-    try:
-        ratio = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(ratio) or ratio < 0:
-        raise ValueError(f"diverse_ratio must be a finite number >= 0, got {value!r}")
-    return ratio
-
-
-def check_diverse_sampling(value: object) -> str:
-    """Return `value` if it names a sampling mode, else raise a ValueError that lists the modes."""
-    if value not in SAMPLING_MODES:
-        raise ValueError(f"diverse_sampling must be one of {', '.join(SAMPLING_MODES)}; got {value!r}")
-    return value  # type: ignore[return-value]
-
 
 FORM_COLUMNS = ("messages", "conversations", "prompt", "completion", "input_ids")
 """Columns SFTTrainer reads a row's form from, before a `text` column."""
@@ -141,6 +121,7 @@ class PreparedData:
     diverse_description: str | None = None
     notes: list[str] = field(default_factory=list)
     unshuffled: Dataset | None = None  # mixed rows before the interleave: train_dataset = unshuffled.select(order)
+    order: np.ndarray | None = None  # the plan's interleave order, computed once (mixing and fingerprint share it)
 
     @property
     def mixed(self) -> bool:
@@ -277,7 +258,8 @@ def prepare_datasets(
         forms.conform(drawn, features, constants={"source": "diverse"}),
     ]
     unshuffled = concatenate_datasets(parts)
-    mixed = unshuffled.select(plan.order())
+    order = plan.order()
+    mixed = unshuffled.select(order)
     notes = [
         f"DELIA mixture: {plan.downstream_rows} downstream + {plan.diverse_rows} diverse rows (cache of "
         f"{plan.cache_rows}, sampling {plan.resolved_sampling}, seed {plan.seed})"
@@ -291,6 +273,7 @@ def prepare_datasets(
         _describe(diverse_dataset),
         notes,
         unshuffled,
+        order,
     )
 
 

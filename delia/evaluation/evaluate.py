@@ -384,7 +384,7 @@ def evaluate_model(
 
 def write_report(folder: str | os.PathLike, report: dict[str, Any], generations: Sequence[dict[str, Any]]) -> str:
     """Write eval_report.json and eval_generations.jsonl into `folder`, each atomically; returns the report's path."""
-    from ..cache_writer import replace_atomically, write_json_atomically
+    from ..io import replace_atomically, write_json_atomically
 
     os.makedirs(folder, exist_ok=True)
     replace_atomically(

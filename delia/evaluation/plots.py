@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .token_loss import METRIC_NAME, TOKEN_LOSS_FILE, read_records
+from ..run_files import TOKEN_LOSS_FILE
+from ..token_loss import METRIC_NAME, read_records
 
 TRAIN_LOSS_KEYS = {"loss_downstream": "downstream (train)", "loss_diverse": "diverse (train)"}
 EVAL_LOSS_KEY = "eval_loss"
@@ -131,7 +132,7 @@ def run_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 def save_figure(figure: Any, path: str | os.PathLike) -> None:
     """Write a PNG next to its destination, then move it into place, so a kill never leaves half an image."""
-    from ..cache_writer import replace_atomically
+    from ..io import replace_atomically
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     replace_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), binary=True)

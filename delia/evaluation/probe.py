@@ -300,7 +300,7 @@ def run_probe(
         "score": "mean over prompts of cos(sep, explicit) - cos(control, explicit) at the last prompt position",
         "models": [model.as_json() for model in probed],
     }
-    from ..cache_writer import write_json_atomically
+    from ..io import write_json_atomically
 
     os.makedirs(output_dir, exist_ok=True)
     write_json_atomically(os.path.join(output_dir, REPORT_FILE), report)

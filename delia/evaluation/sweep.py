@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ..cache_writer import replace_atomically
 from ..config import DSFTConfig, check_diverse_ratio
+from ..io import replace_atomically
 from ..runtime import start_run_folder
 from .evaluate import (
     DEFAULT_EVAL_DATASET,

@@ -36,8 +36,8 @@ RECIPE = HERE / "recipe.yaml"
 
 def cache_queries(output_dir: Path) -> Path:
     """The bundled general queries that the evaluation does not hold out, written to `output_dir` (atomically)."""
-    from delia.cache_writer import replace_atomically
     from delia.evaluation.evaluate import DEFAULT_GENERAL_QUERIES
+    from delia.io import replace_atomically
 
     with open(DEFAULT_GENERAL_QUERIES, encoding="utf-8") as handle:
         held_out = {json.loads(line)["messages"][0]["content"] for line in handle if line.strip()}
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from delia.build_cache import build_cache
-    from delia.cache_writer import replace_atomically
     from delia.cpu import native_bf16
     from delia.evaluation import sweep
+    from delia.io import replace_atomically
     from delia.models import resolve_model
     from delia.runtime import start_run_folder
 

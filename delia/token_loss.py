@@ -13,7 +13,6 @@ head at those positions only. Nothing of size (batch, length, vocabulary) is bui
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +21,8 @@ from typing import Any
 
 import torch
 
-TOKEN_LOSS_FILE = "token_loss.jsonl"
+from .io import append_jsonl, iter_jsonl
+
 METRIC_NAME = "token_loss"  # logged as f"{prefix}token_loss/{token}", e.g. eval_token_loss/<sep>
 CHUNK_POSITIONS = 1024  # positions projected through the LM head at once (bounds the (positions, vocab) logits)
 
@@ -302,29 +302,10 @@ def token_loss_record(
 
 
 def append_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON line in a single write, flushed and fsynced: earlier lines are never touched.
-
-    A partial last line left by a killed run is first moved to `<path>.partial`, so the new line starts a line.
-    """
-    from ..cache_writer import repair_tail
-
-    line = json.dumps(record, allow_nan=False) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    repair_tail(os.fspath(path))
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append one record to a token_loss.jsonl durably (see `io.append_jsonl`): earlier lines are never touched."""
+    append_jsonl(path, record)
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The lines of a token_loss.jsonl (a partial last line, left by a kill, is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                if line.endswith("\n"):
-                    raise ValueError(f"{path}: line {len(records) + 1} is not JSON") from None
-    return records
+    return [record for _, record in iter_jsonl(path, skip_partial_tail=True)]
