@@ -15,8 +15,9 @@ import torch
 from conftest import conversation, write_jsonl
 
 from delia import DataFormatError
-from delia.build_cache import build_cache, load_queries, query_id
+from delia.build_cache import build_cache
 from delia.cli import main as cli_main
+from delia.data.queries import load_queries, query_id
 from delia.generation.base import SamplingConfig, request_seed
 from delia.generation.prompts import PromptRenderer, build_conversation
 from delia.generation.transformers_backend import TransformersBackend

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from delia import load_conversations
-from delia.build_cache import load_queries
+from delia.data.queries import load_queries
 
 QUERY_FILE = Path(__file__).resolve().parent.parent / "reproduce_self_sample" / "query_cache.jsonl"
 

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from delia.build_cache import query_id
+from delia.data.queries import query_id
 from delia.generation.base import Generation, SamplingConfig, request_seed
 from delia.generation.openai_backend import OpenAIBackend, ServerRequestError, ServerUnreachableError
 from delia.tiny import save_tiny_model

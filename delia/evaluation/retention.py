@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..build_cache import Query, load_queries
+from ..data.queries import Query, load_queries
 from ..generation.prompts import PromptRenderer
 
 
