@@ -17,7 +17,6 @@ A sidecar `<output>.meta.json` records the model, template, sampling, seed, libr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -25,112 +24,21 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from .build_cache_config import BuildCacheArguments
 from .cache_writer import CacheWriter, done_ids, merge_shards, shard_path, shard_paths
-from .data import DataFormatError
 from .data.queries import Query, load_queries, repeat_queries
 from .generation.base import Backend, Conversation, Generation, SamplingConfig
-from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES, PromptRenderError, build_conversation
+from .generation.factory import BackendOptions, make_backend
+from .generation.loop import answer
+from .generation.prompts import build_conversation
 from .io import repair_tail, write_json_atomically
 from .runtime import leave_process_group, process_state
-
-BACKENDS = ("auto", "transformers", "vllm", "openai")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Backends
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """Which backend answers the queries and how it is set up: all that `make_backend` needs besides the model."""
-
-    name: str = "auto"  # "auto": openai when base_urls are given, vLLM on CUDA if installed, else transformers
-    base_urls: str | list[str] | None = None  # OpenAI-compatible servers (openai)
-    concurrency: int = 8  # requests in flight (openai)
-    batch_size: int = 32  # prompts per generate call (transformers, vLLM); replies per durable write (all)
-    tensor_parallel_size: int = 1  # GPUs per model (vLLM)
-    dtype: str = "auto"  # when a model is loaded by name (transformers, vLLM)
-    trust_remote_code: bool = False  # likewise
-    extra: dict[str, Any] = field(default_factory=dict)  # more constructor arguments, e.g. {"max_retries": 2}
-
-    def __post_init__(self):
-        if self.name not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.name!r}")
-        for setting in ("concurrency", "batch_size", "tensor_parallel_size"):
-            value = getattr(self, setting)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{setting} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def from_keywords(cls, backend: str | BackendOptions, keywords: dict[str, Any]) -> BackendOptions:
-        """`backend` (a name or BackendOptions) with build_cache's backend keywords on top: a keyword given wins."""
-        settings = dict(keywords)
-        if "backend_options" in settings:  # the keyword's name for `extra`
-            settings["extra"] = dict(settings.pop("backend_options") or {})
-        unknown = sorted(set(settings) - {setting.name for setting in fields(cls) if setting.name != "name"})
-        if unknown:
-            raise TypeError(f"build_cache() got an unexpected keyword argument {unknown[0]!r}")
-        base = backend if isinstance(backend, BackendOptions) else cls(name=backend)
-        return replace(base, **settings)
-
-    def resolve(self, model: Any) -> str:
-        """The backend that will run: `name`, or for "auto" the one picked for `model` on this machine."""
-        if self.name != "auto":
-            return self.name
-        if self.base_urls:
-            return "openai"
-        if (
-            isinstance(model, (str, os.PathLike))  # a loaded model stays in-process with transformers
-            and torch.cuda.is_available()
-            and importlib.util.find_spec("vllm") is not None
-        ):
-            return "vllm"
-        return "transformers"
-
-
-def make_backend(options: BackendOptions, model: Any, *, tokenizer: Any = None, seed: int = 0) -> Backend:
-    """The backend `options` ask for, serving `model` (vLLM also gets `seed` as its engine's seed)."""
-    backend = options.resolve(model)
-    if backend == "openai":
-        from .generation.openai_backend import OpenAIBackend
-
-        if not options.base_urls:
-            raise ValueError("backend='openai' needs base_urls (CLI: --base-url), e.g. http://127.0.0.1:8000/v1")
-        return OpenAIBackend(str(model), options.base_urls, concurrency=options.concurrency, **options.extra)
-    if backend == "vllm":
-        from .generation.vllm_backend import VLLMBackend
-
-        return VLLMBackend(
-            model,
-            batch_size=options.batch_size,
-            tensor_parallel_size=options.tensor_parallel_size,
-            dtype=options.dtype,
-            trust_remote_code=options.trust_remote_code,
-            seed=seed,
-            **options.extra,
-        )
-    from .generation.transformers_backend import TransformersBackend
-    from .modeling import load_tokenizer_and_model
-
-    if isinstance(model, (str, os.PathLike)):  # the one model loader, unquantized, on this process's device
-        tokenizer, model = load_tokenizer_and_model(
-            model,
-            dtype=options.dtype,
-            trust_remote_code=options.trust_remote_code,
-            device=str(process_state().device),
-        )
-    elif tokenizer is None:
-        raise ValueError("pass tokenizer= together with an already loaded model")
-    return TransformersBackend(model, tokenizer, batch_size=options.batch_size)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The run, in four phases: resume or reset the output; pick this process's pending queries; answer them (generate and
@@ -252,27 +160,21 @@ def _answer(
 ) -> _Tally:
     """Phase 3: answer every query and append its row to `target`, `batch_size` replies per flushed, fsynced write.
 
-    Prompts are prepared once (rendered, tokenized) and answered longest first if `sort_by_length` (out-of-memory
-    shows up at once, and each batch pads little). Rows go to the file in that order; the replies that came back
+    Rows go to the file in answer order (longest prompt first if `sort_by_length`); the replies that came back
     before an error are written before it is raised.
     """
-    try:
-        prompts = engine.prepare(conversations, [query.id for query in queries])
-    except PromptRenderError as error:
-        raise DataFormatError(f"{queries[error.index].where}: {error}") from None
-    order = list(range(len(queries)))
-    if sort_by_length:
-        order.sort(key=lambda index: -prompts[index].length)
     tally, rows, unwritten = _Tally(), [], 0
     started = time.perf_counter()
-    in_answer_order = [prompts[index] for index in order]
+    ids = [query.id for query in queries]
+    where = lambda index: queries[index].where  # noqa: E731
     with (
         CacheWriter(target) as writer,
-        contextlib.closing(engine.stream(in_answer_order, sampling)) as replies,  # stopped on an error too
+        contextlib.closing(answer(engine, conversations, ids, sampling, where=where, sort_by_length=sort_by_length))
+        as replies,  # the backend is stopped on an error too
         tqdm(total=len(queries), unit="row", disable=not progress) as bar,
     ):
         try:
-            for index, reply in zip(order, replies, strict=True):
+            for index, reply in replies:
                 tally.tokens += reply.num_tokens
                 tally.hit_max_new_tokens += reply.finish_reason == "length"
                 degenerate = degenerate_reason(reply) is not None
@@ -335,93 +237,84 @@ def _finalise(
     return result
 
 
+def _options(options: dict[str, Any]) -> tuple[BuildCacheArguments, BackendOptions]:
+    """build_cache's keywords as BuildCacheArguments; `backend` may be a BackendOptions, whose settings a keyword given
+    beside it overrides, and `backend_options=` adds constructor arguments (e.g. `{"max_retries": 2}` for openai)."""
+    backend = options.pop("backend", "auto")
+    extra = dict(options.pop("backend_options", None) or {})
+    if isinstance(backend, BackendOptions):
+        given = {key: value for key, value in asdict(backend).items() if key not in ("name", "extra")}
+        options = {**given, **options}
+        extra = {**backend.extra, **extra}
+        backend = backend.name
+    known = {setting.name for setting in fields(BuildCacheArguments)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"build_cache() got an unexpected keyword argument {unknown[0]!r}")
+    arguments = BuildCacheArguments(backend=backend, **options)
+    return arguments, arguments.backend_options(extra)
+
+
 def build_cache(
     model: Any,
     queries: Any,
     output: str | os.PathLike,
     *,
-    template: str = "reference",
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-    backend: str | BackendOptions = "auto",
-    max_new_tokens: int = 512,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    seed: int = 0,
-    samples_per_query: int = 1,
-    min_new_tokens: int | None = None,
-    resume: bool = True,
-    overwrite: bool = False,
-    limit: int | None = None,
-    keep_degenerate: bool = False,
-    sort_by_length: bool = True,
-    query_field: str | None = None,
-    reference_field: str | None = None,
-    input_field: str | None = None,
-    split: str = "train",
     tokenizer: Any = None,
     progress: bool = True,
-    **backend_keywords: Any,
+    **options: Any,
 ) -> CacheResult:
     """Self-sample one reply per query (`samples_per_query` each) into the JSONL `output` (appending, resumable).
 
     `model` is a model folder or hub name (transformers / vLLM backends), the served model name (openai backend), or
-    a loaded model together with `tokenizer=`. `backend` is a backend name or a `BackendOptions`; its fields can also
-    be given as keywords (`batch_size=`, `base_urls=`, `concurrency=`, `tensor_parallel_size=`, `dtype=`,
-    `trust_remote_code=`, and `backend_options=` for `extra`: more constructor arguments, for example
-    `{"max_retries": 2, "timeout": 30}` for openai, engine arguments for vLLM), which override it. Each request is
-    seeded from `seed` and its query's id (`delia.generation.request_seed`); the k-th extra sample of a query has id
-    `<id>-<k>`. The result stands for the output path
-    (`os.fspath`, `str`); see the module docstring for the formats, and `<output>.meta.json` for what a run did.
+    a loaded model together with `tokenizer=`. `options` are the fields of `BuildCacheArguments` (template, sampling,
+    resuming, backend settings: see there for each and its default); `backend` may also be a `BackendOptions`, and
+    `backend_options=` passes more constructor arguments to the backend (for example `{"max_retries": 2}` for openai,
+    engine arguments for vLLM). Each request is seeded from `seed` and its query's id
+    (`delia.generation.request_seed`); the k-th extra sample of a query has id `<id>-<k>`. The result stands for the
+    output path (`os.fspath`, `str`); see the module docstring for the formats, and `<output>.meta.json`.
     """
-    options = BackendOptions.from_keywords(backend, backend_keywords)
-    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed, min_new_tokens)
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}; got {template!r}")
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    arguments, backend = _options(options)
     output = os.fspath(output)
     state = process_state()
     started = time.perf_counter()
     all_queries = load_queries(
         queries,
-        query_field=query_field,
-        reference_field=reference_field,
-        input_field=input_field,
-        split=split,
-        need_reference=template == "reference",
-    )[:limit]
-    all_queries = repeat_queries(all_queries, samples_per_query)
+        query_field=arguments.query_field,
+        reference_field=arguments.reference_field,
+        input_field=arguments.input_field,
+        split=arguments.split,
+        need_reference=arguments.template == "reference",
+    )[: arguments.limit]
+    all_queries = repeat_queries(all_queries, arguments.samples_per_query)
     described = {  # how the rows were made, for the meta file
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
-        "backend": options.resolve(model),
         "queries": str(queries) if isinstance(queries, (str, os.PathLike)) else type(queries).__name__,
-        "template": template,
-        "system_prompt": system_prompt,
-        "sampling": asdict(sampling),
-        "seed": seed,
-        "samples_per_query": samples_per_query,
-        "batch_size": options.batch_size,
-        "sort_by_length": sort_by_length,
-        "keep_degenerate": keep_degenerate,
+        **arguments.record(),
+        "backend": backend.resolve(model),
     }
 
-    repaired = _resume_or_reset(output, resume, overwrite, state)
+    repaired = _resume_or_reset(output, arguments.resume, arguments.overwrite, state)
     pending = _pending_queries(all_queries, output, state)
     mine = pending[state.process_index :: state.num_processes]
     tally = _Tally()
     if mine:  # with nothing left to answer here, the model is not even loaded
         target = shard_path(output, state.process_index, state.num_processes) if state.num_processes > 1 else output
-        engine = make_backend(options, model, tokenizer=tokenizer, seed=seed)
+        engine = make_backend(backend, model, tokenizer=tokenizer, seed=arguments.seed)
         try:
+            conversations = [
+                build_conversation(query.query, query.reference, arguments.template, arguments.system_prompt)
+                for query in mine
+            ]
             tally = _answer(
                 engine,
                 mine,
-                [build_conversation(query.query, query.reference, template, system_prompt) for query in mine],
+                conversations,
                 target,
-                sampling=sampling,
-                batch_size=options.batch_size,
-                sort_by_length=sort_by_length,
-                keep_degenerate=keep_degenerate,
+                sampling=arguments.sampling(),
+                batch_size=backend.batch_size,
+                sort_by_length=arguments.sort_by_length,
+                keep_degenerate=arguments.keep_degenerate,
                 progress=progress and state.is_main_process,
             )
         finally:
@@ -430,69 +323,38 @@ def build_cache(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line: `delia build-cache ...` and `accelerate launch -m delia.build_cache ...`
+# Command line: `delia build-cache MODEL QUERIES OUTPUT [options]` and `accelerate launch -m delia.build_cache ...`
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `delia build-cache` arguments: the build_cache keywords, spelled --like-this."""
+def argument_parser() -> Any:
+    """The `delia build-cache` parser: three positionals, then every `BuildCacheArguments` field in both spellings."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(BuildCacheArguments, prog="delia build-cache", description=__doc__.splitlines()[0])
     parser.add_argument(
         "model",
-        help="model folder, hub name or short name such as smollm2-135m-instruct (the served model name with --backend openai)",
+        help="model folder, hub name or short name such as smollm2-135m-instruct (the served model name with "
+        "--backend openai)",
     )
-    parser.add_argument(
-        "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
-    )
+    parser.add_argument("queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset")
     parser.add_argument("output", help="the JSONL cache to append to")
-    parser.add_argument("--template", choices=TEMPLATES, default="reference")
-    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--base-url", action="append", dest="base_urls", help="OpenAI-compatible server (repeatable)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--samples-per-query", type=int, default=1, help="replies sampled per query (each its own row and seed)"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="answer only the first N queries")
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="refuse an existing output")
-    parser.add_argument("--overwrite", action="store_true", help="with --no-resume: start the output over")
-    parser.add_argument("--keep-degenerate", action="store_true", help="keep empty / broken replies")
-    parser.add_argument("--no-sort", dest="sort_by_length", action="store_false", help="keep the query order")
-    parser.add_argument("--query-field", default=None)
-    parser.add_argument("--reference-field", default=None)
-    parser.add_argument("--input-field", default=None)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--no-sort", "--no_sort", dest="sort_by_length", action="store_false", help="keep query order")
     return parser
-
-
-def run(args: argparse.Namespace) -> CacheResult:
-    """Run build_cache from parsed arguments and print the summary line (main process); return the result."""
-    settings = {key: value for key, value in vars(args).items() if key not in ("model", "queries", "output", "command")}
-    settings["system_prompt"] = settings["system_prompt"] or None
-    result = build_cache(args.model, args.queries, args.output, **settings)
-    if process_state().is_main_process:
-        print(result.summary())
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     """`delia build-cache` / `python -m delia.build_cache`: bad input is one clear line and exit status 2."""
-    parser = add_arguments(argparse.ArgumentParser(prog="delia build-cache", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
     from .generation.openai_backend import ServerRequestError
 
     try:  # bad input, a server that refuses the request, a backend that is not installed: one line, rows kept
-        run(args)
+        arguments, positionals = argument_parser().parse_args_into_dataclasses(argv)
+        result = build_cache(positionals.model, positionals.queries, positionals.output, **asdict(arguments))
     except (ValueError, OSError, ImportError, ServerRequestError) as error:
         print(f"delia build-cache: error: {error}", file=sys.stderr)
         return 2
+    if process_state().is_main_process:
+        print(result.summary())
     leave_process_group()  # a clean exit under torchrun / accelerate launch
     return 0
 

@@ -318,7 +318,7 @@ def test_cli_prints_the_summary_from_the_result(tiny_model_dir, tmp_path, capsys
 
 
 def test_backend_options_in_one_object_or_as_keywords(tiny_model_dir, tmp_path):
-    from delia.build_cache import BackendOptions
+    from delia.generation.factory import BackendOptions
 
     query_file = write_jsonl(tmp_path / "q.jsonl", queries(3))
     options = BackendOptions("transformers", batch_size=2)

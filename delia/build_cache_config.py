@@ -1,0 +1,103 @@
+"""`BuildCacheArguments`: every option of `build_cache` / `delia build-cache`, as one dataclass.
+
+`delia build-cache` reads it with `HfArgumentParser` (so `--max_new_tokens` and `--max-new-tokens` both work, and a
+YAML recipe can hold it), `build_cache()` builds it from its keywords, and the cache's meta file records it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .generation.base import SamplingConfig
+from .generation.factory import BACKENDS, BackendOptions
+from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise a ValueError naming the option unless `value` is a positive integer (or None where allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class BuildCacheArguments:
+    """How the diverse cache is self-sampled (the model, the queries and the output are named apart).
+
+    > Prompts: which queries, and how each is put to the model
+    > Sampling: how each reply is drawn (each request seeded from `seed` and its query's id)
+    > The run: resuming, limits, what is kept
+    > Backend: which engine answers, and its settings
+    """
+
+    # Prompts
+    template: str = field(
+        default="reference", metadata={"help": "reference (shows a reference answer) or plain", "choices": TEMPLATES}
+    )
+    system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "'' for none"})
+    query_field: str | None = field(default=None, metadata={"help": "the query column (default: messages)"})
+    reference_field: str | None = field(default=None, metadata={"help": "the reference answer column"})
+    input_field: str | None = field(default=None, metadata={"help": "an input column appended to the query"})
+    split: str = field(default="train", metadata={"help": "the split of a hub or saved dataset"})
+    # Sampling
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens per reply at most"})
+    temperature: float = field(default=0.7, metadata={"help": "0 means greedy"})
+    top_p: float = field(default=0.95)
+    seed: int = field(default=0)
+    samples_per_query: int = field(default=1, metadata={"help": "replies sampled per query (each its own row)"})
+    min_new_tokens: int | None = field(default=None, metadata={"help": "tokens per reply at least"})
+    # The run
+    resume: bool = field(default=True, metadata={"help": "continue an existing output (--no-resume refuses it)"})
+    overwrite: bool = field(default=False, metadata={"help": "with --no-resume: start the output over"})
+    limit: int | None = field(default=None, metadata={"help": "answer only the first N queries"})
+    keep_degenerate: bool = field(default=False, metadata={"help": "keep empty / broken replies"})
+    sort_by_length: bool = field(default=True, metadata={"help": "answer the longest prompts first (--no-sort)"})
+    # Backend
+    backend: str = field(default="auto", metadata={"help": "auto, transformers, vllm or openai", "choices": BACKENDS})
+    base_urls: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "OpenAI-compatible server(s); repeatable",
+            "aliases": ["--base-url", "--base_url"],
+            "action": "extend",
+        },
+    )
+    concurrency: int = field(default=8, metadata={"help": "requests in flight (openai backend)"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per generate call; replies per durable write"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model (vLLM backend)"})
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run a model repository's own code"})
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {', '.join(TEMPLATES)}; got {self.template!r}")
+        _positive("samples_per_query", self.samples_per_query)
+        _positive("limit", self.limit, allow_none=True)
+        self.system_prompt = self.system_prompt or None
+        self.sampling()  # its own checks: max_new_tokens, temperature, top_p
+        self.backend_options()  # likewise: backend, concurrency, batch_size, tensor_parallel_size
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings every backend takes."""
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.min_new_tokens)
+
+    def backend_options(self, extra: dict[str, Any] | None = None) -> BackendOptions:
+        """The backend settings `make_backend` takes (`extra`: more constructor arguments)."""
+        return BackendOptions(
+            name=self.backend,
+            base_urls=self.base_urls,
+            concurrency=self.concurrency,
+            batch_size=self.batch_size,
+            tensor_parallel_size=self.tensor_parallel_size,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            extra=dict(extra or {}),
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What the meta file records of these options."""
+        settings = asdict(self)
+        settings["sampling"] = asdict(self.sampling())
+        return settings
