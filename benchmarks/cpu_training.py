@@ -48,8 +48,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 import delia  # noqa: E402
 from delia import DSFTConfig, DSFTTrainer, get_peft_config, setup_tokenizer_and_model  # noqa: E402
 from delia.cpu import free_threads, native_bf16  # noqa: E402
-from delia.lora import expose_trainable_token_lm_head_bias  # noqa: E402
 from delia.models import resolve_model  # noqa: E402
+from delia.upstream import expose_trainable_token_lm_head_bias  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])

@@ -31,16 +31,19 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
         prepare_datasets,
         validate_conversations,
     )
-    from .evaluation.evaluate import compare_reports, evaluate, evaluate_model, load_eval_data
+    from .evaluation.eval_data import load_eval_data
+    from .evaluation.evaluate import evaluate, evaluate_model
     from .evaluation.parse import parse_structured
     from .evaluation.plots import plot_runs
     from .evaluation.probe import run_probe
-    from .evaluation.sweep import run_sweep
+    from .evaluation.report import compare_reports
     from .integrity import MixtureMismatchError
     from .lora import get_peft_config
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .models import resolve_model
-    from .trainer import DSFTTrainer, SourceTaggingCollator
+    from .per_source import SourceTaggingCollator
+    from .sweep import run_sweep
+    from .trainer import DSFTTrainer
 
     __version__: str
 
@@ -52,7 +55,7 @@ _EXPORTS: dict[str, str] = {
     "DSFTConfig": "delia.config",
     "get_training_arguments": "delia.config",
     "DSFTTrainer": "delia.trainer",
-    "SourceTaggingCollator": "delia.trainer",
+    "SourceTaggingCollator": "delia.per_source",
     "add_new_tokens": "delia.modeling",
     "setup_tokenizer_and_model": "delia.modeling",
     "resolve_model": "delia.models",
@@ -71,9 +74,9 @@ _EXPORTS: dict[str, str] = {
     "parse_structured": "delia.evaluation.parse",
     "evaluate": "delia.evaluation.evaluate",
     "evaluate_model": "delia.evaluation.evaluate",
-    "load_eval_data": "delia.evaluation.evaluate",
-    "compare_reports": "delia.evaluation.evaluate",
-    "run_sweep": "delia.evaluation.sweep",
+    "load_eval_data": "delia.evaluation.eval_data",
+    "compare_reports": "delia.evaluation.report",
+    "run_sweep": "delia.sweep",
 }
 
 __all__ = [

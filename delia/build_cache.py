@@ -169,8 +169,9 @@ def _answer(
     where = lambda index: queries[index].where  # noqa: E731
     with (
         CacheWriter(target) as writer,
-        contextlib.closing(answer(engine, conversations, ids, sampling, where=where, sort_by_length=sort_by_length))
-        as replies,  # the backend is stopped on an error too
+        contextlib.closing(
+            answer(engine, conversations, ids, sampling, where=where, sort_by_length=sort_by_length)
+        ) as replies,  # the backend is stopped on an error too
         tqdm(total=len(queries), unit="row", disable=not progress) as bar,
     ):
         try:
@@ -329,15 +330,17 @@ def build_cache(
 
 def argument_parser() -> Any:
     """The `delia build-cache` parser: three positionals, then every `BuildCacheArguments` field in both spellings."""
-    from transformers import HfArgumentParser
+    from .command_line import command_parser
 
-    parser = HfArgumentParser(BuildCacheArguments, prog="delia build-cache", description=__doc__.splitlines()[0])
+    parser = command_parser(BuildCacheArguments, "delia build-cache", __doc__.splitlines()[0])
     parser.add_argument(
         "model",
         help="model folder, hub name or short name such as smollm2-135m-instruct (the served model name with "
         "--backend openai)",
     )
-    parser.add_argument("queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset")
+    parser.add_argument(
+        "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
+    )
     parser.add_argument("output", help="the JSONL cache to append to")
     parser.add_argument("--no-sort", "--no_sort", dest="sort_by_length", action="store_false", help="keep query order")
     return parser

@@ -49,7 +49,7 @@ def _probe(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from .evaluation.sweep import main
+    from .sweep import main
 
     return main(argv)
 

@@ -2,13 +2,13 @@
 
 `DSFTConfig` turns these into defaults where there is no accelerator (each documented there): bf16 autocast where the
 CPU computes in bf16 natively, no gradient checkpointing while the activations fit in memory, and a thread count that
-leaves out cores other programs keep busy. `DSFTTrainer` scores only the label positions in TRL's fused LM head.
+leaves out cores other programs keep busy. `DSFTTrainer` scores only the label positions in TRL's fused LM head
+(`delia.upstream.score_label_positions_only`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,27 +62,6 @@ def torch_threads(count: int | None) -> Iterator[None]:
     finally:
         if count:
             torch.set_num_threads(previous)
-
-
-@contextmanager
-def score_label_positions_only() -> Iterator[None]:
-    """In TRL's fused LM head, score only the positions that have a label on CPU, as TRL does on GPUs.
-
-    Off GPUs TRL projects every position through the LM head (so that compiled tile shapes stay fixed on devices such
-    as Neuron) and zeroes the unlabelled ones afterwards. Eager CPU code has no such need, and DELIA's loss falls on
-    the final reply alone, a fraction of each row, so scoring just those positions gives the same log-probabilities
-    for a fraction of the LM head's work. A TRL without the switch this relies on is left as it is.
-    """
-    module = sys.modules.get("trl.trainer.utils")
-    original = getattr(module, "_use_triton", None)
-    if original is None:
-        yield
-        return
-    module._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield
-    finally:
-        module._use_triton = original
 
 
 def activation_bytes(config: Any, tokens: int) -> int:

@@ -18,12 +18,12 @@ import math
 import os
 import sys
 import time
-from importlib.resources import files
 from typing import Any
 
 from transformers import PrinterCallback
 
 from .build_cache import build_cache
+from .bundled import DEMO_FILES, demo_file
 from .config import check_diverse_ratio, get_training_arguments
 from .evaluation.plots import plot_loss
 from .lora import get_peft_config
@@ -31,20 +31,13 @@ from .modeling import add_new_tokens, setup_tokenizer_and_model
 from .runtime import start_run_folder
 from .trainer import DSFTTrainer
 
-DEMO_DATA = files("delia") / "demo_data"
-
-
-def demo_file(name: str) -> str:
-    """Path of a bundled demo file: downstream.jsonl, eval.jsonl or queries.jsonl."""
-    return str(DEMO_DATA / name)
-
 
 def build_demo_model(folder: str, seed: int) -> str:
     """A tiny Llama model and a tokenizer trained on the bundled text, saved to `folder`."""
     from .tiny import build_tiny_tokenizer, save_tiny_model
 
     texts = []
-    for name in ("downstream.jsonl", "eval.jsonl", "queries.jsonl"):
+    for name in DEMO_FILES:
         with open(demo_file(name), encoding="utf-8") as handle:
             texts += [message["content"] for line in handle for message in json.loads(line)["messages"]]
     tokenizer = build_tiny_tokenizer("llama2", vocab_size=1024, texts=texts)

@@ -1,7 +1,7 @@
 """LoRA for DELIA: the original recipe's peft config, with only the new tokens' embedding rows trainable.
 
 `trainable_token_indices` names the input embeddings, and the LM head too when it is untied (else the output row of
-`<sep>` would never train). Also a fix for TRL's fused LM head, which reads a `bias` that peft's wrapper lacks.
+`<sep>` would never train).
 """
 
 from __future__ import annotations
@@ -77,17 +77,3 @@ def get_peft_config(
     if model is not None:
         resolve_trainable_token_modules(config, model)
     return config
-
-
-def expose_trainable_token_lm_head_bias(model: torch.nn.Module) -> None:
-    """Give peft's TrainableTokensWrapper a `bias` attribute (the wrapped layer's).
-
-    TRL's fused LM head reads `lm_head.weight` and `lm_head.bias`; the wrapper forwards `weight` (with the trained
-    rows merged in) but not `bias`, so training crashed with AttributeError, tied or untied. The attribute is set
-    without registering a parameter, so the state dict is unchanged.
-    """
-    from peft.utils.other import TrainableTokensWrapper
-
-    for module in model.modules():
-        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
-            object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))

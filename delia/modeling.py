@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from .io import read_json_or_none
 from .models import resolve_model
+from .run_files import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +274,99 @@ def setup_tokenizer_and_model(
         )
         logger.info("New tokens %s have ids %s", list(new_tokens), ids)
     return tokenizer, model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# For inference: a model, or a LoRA adapter on its base (eval, probe, sweep)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _adapter_base(path: str, base_model: str | None) -> str:
+    """The base an adapter folder was trained on: `base_model`, else the one its adapter_config.json names."""
+    config = os.path.join(path, ADAPTER_CONFIG_FILE)
+    record = read_json_or_none(config)
+    if not isinstance(record, dict):
+        raise OSError(f"{config}: not a readable JSON adapter config")
+    base = base_model or record.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base model (base_model_name_or_path); pass the base model")
+    return base
+
+
+def _check_model_folder(path: str) -> None:
+    """A local folder must hold a model (config.json) or an adapter (adapter_config.json): one line naming it."""
+    if os.path.isdir(path) and not any(
+        os.path.isfile(os.path.join(path, name)) for name in (MODEL_CONFIG_FILE, ADAPTER_CONFIG_FILE)
+    ):
+        raise OSError(
+            f"{path!r} holds neither a model ({MODEL_CONFIG_FILE} and weights) nor a LoRA adapter "
+            f"({ADAPTER_CONFIG_FILE}); expected the folder `delia train` or `save_pretrained` wrote"
+        )
+
+
+def _adapter_tokens(
+    path: str, base_tokenizer: Any, model: PreTrainedModel, trust_remote_code: bool
+) -> tuple[Any, list]:
+    """The adapter folder's tokenizer, and the tokens it added to the base, given their rows on `model` as in
+    training; the ids must match the adapter's, or it was trained on another base."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = base_tokenizer  # an adapter saved without its tokenizer
+    base_vocab = base_tokenizer.get_vocab()
+    added = sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1])
+    new_tokens = [token for token, _ in added if token not in base_vocab]
+    if new_tokens:
+        ids = add_new_tokens(base_tokenizer, model, new_tokens)
+        expected = tokenizer.convert_tokens_to_ids(new_tokens)
+        if ids != expected:
+            raise ValueError(
+                f"{path}: the adapter's tokenizer has {new_tokens} at ids {expected}, but adding them to its base "
+                f"model gives ids {ids}; pass the base model it was trained on"
+            )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, new_tokens
+
+
+def load_for_inference(
+    target: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    quantization: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+    new_tokens: Sequence[str] = (),
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(tokenizer, model in eval mode, description) for a model folder / hub name, or a LoRA adapter folder on its base.
+
+    The one loader of `delia eval`, `delia probe` and the sweep. An adapter folder (adapter_config.json, as
+    `delia train` writes with LoRA) is loaded on `base_model` (default: the base its config names) with the folder's
+    own tokenizer; the tokens it added to the base (`<sep>`) get their rows as in training, checked to land on the
+    same ids, then the adapter is applied. A plain model lacking one of `new_tokens` gets it added as `delia train`
+    adds it before training, so a base model is measured as training started from it. Unquantized models go to the
+    GPU when there is one.
+    """
+    path = os.fspath(target)
+    _check_model_folder(path)
+    options = {
+        "quantization": quantization,
+        "dtype": dtype,
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": trust_remote_code,
+        "device": None if quantization else ("cuda" if torch.cuda.is_available() else "cpu"),
+    }
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE)):
+        tokenizer, model = load_tokenizer_and_model(path, **options)
+        missing = [token for token in new_tokens if token not in tokenizer.get_vocab()]
+        if missing:
+            add_new_tokens(tokenizer, model, missing)
+        return tokenizer, model.eval(), {"kind": "model", "path": path}
+    base = _adapter_base(path, base_model)
+    base_tokenizer, model = load_tokenizer_and_model(base, **options)
+    tokenizer, added = _adapter_tokens(path, base_tokenizer, model, trust_remote_code)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, path)
+    return tokenizer, model.eval(), {"kind": "adapter", "path": path, "base_model": base, "new_tokens": added}

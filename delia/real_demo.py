@@ -6,7 +6,7 @@
 3. Train plain SFT (ratio 0) and DELIA (`--ratio`) on the bundled `<sep>` rows, LoRA + a trainable `<sep>`, with the
    same optimizer-step budget and seed, then evaluate the base model and both runs on the bundled eval rows:
    format rate, label accuracy, the DO-NOT contrast, and the general NLL on held-out queries. This is
-   `delia sweep --ratios 0 R --budget steps` (`delia.evaluation.sweep`), so each run folder is a sweep run folder.
+   `delia sweep --ratios 0 R --budget steps` (`delia.sweep`), so each run folder is a sweep run folder.
 4. Write `comparison.md` (the `delia eval --compare` table of base, SFT and DELIA), `loss.png` (both runs' training
    loss), `summary.json`, and print the table, a verdict line that says which way the numbers went, and the wall time.
 
@@ -19,11 +19,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
-from .demo import demo_file
-from .io import write_json_atomically
+import torch
+
+from .bundled import DEFAULT_EVAL_DATASET, DEFAULT_GENERAL_QUERIES, DEMO_DOWNSTREAM
+from .config import DSFTConfig, check_diverse_ratio
+from .evaluation.evaluate import EvalArguments
+from .evaluation.plots import plot_loss, read_log_history
+from .evaluation.report import compare_reports, read_report
+from .experiment import Experiment
+from .io import write_json_atomically, write_text_atomically
+from .run_files import COMPARISON_FILE, DIVERSE_CACHE_FILE, LOSS_PLOT_FILE, SUMMARY_FILE
+from .sweep import SweepArguments, run_folder
+from .train import ModelArguments
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: The bundled general queries the demo self-samples; the rest (32 of 128) are held out for the general NLL.
@@ -103,19 +112,6 @@ def run_real_demo(
     evaluates only the first rows of the eval set and `general_queries` replaces the bundled general queries of the
     general NLL (tests).
     """
-    import torch
-
-    from .build_cache import build_cache
-    from .config import DSFTConfig, check_diverse_ratio
-    from .cpu import native_bf16
-    from .evaluation.evaluate import REPORT_FILE, EvalArguments, compare_reports, read_report
-    from .evaluation.plots import plot_loss, read_log_history
-    from .evaluation.sweep import SweepArguments, run_folder, run_sweep
-    from .models import resolve_model
-    from .runtime import start_run_folder
-    from .train import ModelArguments
-
-    started = time.perf_counter()
     check_diverse_ratio(ratio)
     if ratio <= 0:
         raise ValueError(
@@ -123,33 +119,53 @@ def run_real_demo(
         )
     if steps <= 0:
         raise ValueError(f"--steps must be a positive integer, got {steps}")
-    start_run_folder(output)
-    path = resolve_model(model)
-    timings: dict[str, float] = {}
-
-    phase = time.perf_counter()
-    cache = build_cache(
-        path,
-        demo_file("queries.jsonl"),
-        os.path.join(output, "diverse_cache.jsonl"),
+    experiment = Experiment.start(model, output)
+    cache = experiment.self_sample(
+        DEFAULT_GENERAL_QUERIES,
+        os.path.join(output, DIVERSE_CACHE_FILE),
         limit=cache_queries,
         samples_per_query=samples_per_query,
         max_new_tokens=max_new_tokens,
-        batch_size=32,
         seed=seed,
-        dtype="bfloat16" if not torch.cuda.is_available() and native_bf16() else "auto",
     )
-    timings["self-sampling"] = time.perf_counter() - phase
+    model_args, args = _training_setup(experiment.model_path, output, os.fspath(cache), steps, learning_rate, seed)
+    sweep = SweepArguments(ratios=[0.0, ratio], seeds=[seed], budget="steps", include_base=True, probe=False)
+    eval_args = EvalArguments(
+        max_new_tokens=eval_max_new_tokens, do_not=list(DEMO_DO_NOT), generation_batch_size=32, limit=eval_limit
+    )
+    if general_queries is not None:
+        eval_args.general_queries = general_queries
+    experiment.sweep(sweep, eval_args, model_args, args)
+    table, verdict = _compare(output, ratio, seed)
+    summary = {
+        "model": model,
+        "model_path": experiment.model_path,
+        "steps": steps,
+        "ratio": ratio,
+        "seed": seed,
+        "learning_rate": learning_rate,
+        "cache": cache.counts(),
+        "table": table,
+        "verdict": verdict,
+        "seconds": {name: round(value, 1) for name, value in experiment.timings.items() if name != "model"},
+        "wall_seconds": round(experiment.wall_seconds(), 1),
+        "threads": torch.get_num_threads(),
+        "output": output,
+    }
+    write_json_atomically(os.path.join(output, SUMMARY_FILE), summary)
+    return summary
 
-    phase = time.perf_counter()
+
+def _training_setup(
+    model_path: str, output: str, cache: str, steps: int, learning_rate: float, seed: int
+) -> tuple[ModelArguments, DSFTConfig]:
+    """The demo's model and training options: LoRA + `<sep>` on the bundled rows, a constant rate after warmup."""
     model_args = ModelArguments(
-        model_name_or_path=path,
-        train_dataset=demo_file("downstream.jsonl"),
-        eval_dataset=demo_file("eval.jsonl"),
+        model_name_or_path=model_path, train_dataset=DEMO_DOWNSTREAM, eval_dataset=DEFAULT_EVAL_DATASET
     )
     args = DSFTConfig(
         output_dir=output,
-        diverse_dataset=os.fspath(cache),
+        diverse_dataset=cache,
         max_steps=steps,
         learning_rate=learning_rate,
         per_device_train_batch_size=8,
@@ -164,47 +180,25 @@ def run_real_demo(
         disable_tqdm=False,
         seed=seed,
     )
-    sweep = SweepArguments(ratios=[0.0, ratio], seeds=[seed], budget="steps", include_base=True, probe=False)
-    eval_args = EvalArguments(
-        max_new_tokens=eval_max_new_tokens, do_not=list(DEMO_DO_NOT), generation_batch_size=32, limit=eval_limit
-    )
-    if general_queries is not None:
-        eval_args.general_queries = general_queries
-    run_sweep(sweep, eval_args, model_args, args)
-    timings["training and evaluation"] = time.perf_counter() - phase
+    return model_args, args
 
+
+def _compare(output: str, ratio: float, seed: int) -> tuple[str, str]:
+    """Write comparison.md (base, SFT, DELIA side by side) and loss.png; return the table and the verdict."""
     folders = {
         "base": os.path.join(output, "base"),
         "SFT": run_folder(output, 0.0, seed),
         "DELIA": run_folder(output, ratio, seed),
     }
     reports = {name: read_report(folder) for name, folder in folders.items()}
-    table = compare_reports([os.path.join(folder, REPORT_FILE) for folder in folders.values()], list(folders))
-    with open(os.path.join(output, "comparison.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
+    table = compare_reports(list(folders.values()), list(folders))
+    write_text_atomically(os.path.join(output, COMPARISON_FILE), table + "\n")
     histories = {
         "SFT": read_log_history(folders["SFT"]),
         f"DELIA (ratio {ratio:g})": read_log_history(folders["DELIA"]),
     }
-    plot_loss(histories, os.path.join(output, "loss.png"))
-    verdict = verdict_line(reports["SFT"], reports["DELIA"], reports["base"])
-    summary = {
-        "model": model,
-        "model_path": path,
-        "steps": steps,
-        "ratio": ratio,
-        "seed": seed,
-        "learning_rate": learning_rate,
-        "cache": cache.counts(),
-        "table": table,
-        "verdict": verdict,
-        "seconds": {name: round(value, 1) for name, value in timings.items()},
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "threads": torch.get_num_threads(),
-        "output": output,
-    }
-    write_json_atomically(os.path.join(output, "summary.json"), summary)
-    return summary
+    plot_loss(histories, os.path.join(output, LOSS_PLOT_FILE))
+    return table, verdict_line(reports["SFT"], reports["DELIA"], reports["base"])
 
 
 def print_real_summary(summary: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .io import append_jsonl, iter_jsonl
+from .upstream import fused_head_output
 
 METRIC_NAME = "token_loss"  # logged as f"{prefix}token_loss/{token}", e.g. eval_token_loss/<sep>
 CHUNK_POSITIONS = 1024  # positions projected through the LM head at once (bounds the (positions, vocab) logits)
@@ -97,9 +98,10 @@ def known_log_probs(
     The fused head returns log p(labels[:, t]) at labelled positions only; where that label is the input token, it is
     the number the tracker needs. Returns (log_probs, known), both (batch, length - 1), or None when unavailable.
     """
-    log_probs, mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
-    if log_probs is None or mask is None or labels is None or log_probs.shape != input_ids[:, 1:].shape:
+    output = fused_head_output([output])
+    if output is None or labels is None or output.log_probs.shape != input_ids[:, 1:].shape:
         return None
+    log_probs, mask = output.log_probs, output.label_mask
     return log_probs, mask & (labels[:, 1:] == input_ids[:, 1:]).to(mask.device)
 
 

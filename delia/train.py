@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import yaml
-from trl import TrlParser
 
+from .command_line import command_parser
 from .config import DSFTConfig
 from .integrity import find_checkpoint
 from .lora import get_peft_config
@@ -147,7 +147,7 @@ def showing_delia_logs() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = TrlParser((ModelArguments, DSFTConfig), prog="delia train")
+    parser = command_parser((ModelArguments, DSFTConfig), "delia train", recipes=True)
     with showing_delia_logs():
         try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
             model_args, args = parser.parse_args_and_config(argv)

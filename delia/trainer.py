@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow.compute as pc
-import torch
 from accelerate import PartialState
 from datasets import Dataset, IterableDataset
 from transformers import TrainingArguments
@@ -34,8 +30,8 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .config import DSFTConfig
-from .cpu import activation_bytes, available_memory, free_threads, score_label_positions_only, torch_threads
-from .data import SOURCES, MixturePlan, PreparedData, prepare_datasets
+from .cpu import activation_bytes, available_memory, free_threads, torch_threads
+from .data import MixturePlan, PreparedData, prepare_datasets
 from .data.fingerprint import mixture_fingerprint
 from .integrity import (
     CheckpointRecordCallback,
@@ -43,8 +39,9 @@ from .integrity import (
     check_same_mixture_on_every_process,
     find_checkpoint,
 )
-from .io import write_json_atomically
-from .lora import expose_trainable_token_lm_head_bias, resolve_trainable_token_modules
+from .io import read_json_or_none, write_json_atomically
+from .lora import resolve_trainable_token_modules
+from .per_source import SourceLoss, SourceTaggingCollator, source_counts
 from .run_files import MIXTURE_FILE, TOKEN_LOSS_FILE
 from .token_loss import (
     TokenLossTracker,
@@ -53,23 +50,15 @@ from .token_loss import (
     token_loss_metrics,
     token_loss_record,
 )
+from .upstream import (
+    add_signature_column,
+    expose_trainable_token_lm_head_bias,
+    forward_outputs,
+    fused_head_output,
+    score_label_positions_only,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SourceTaggingCollator:
-    """Wraps a collator: takes the `source` column off each example and adds `source_ids` (index in SOURCES)."""
-
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        source_ids = [
-            SOURCES.index(example["source"]) if example.get("source") in SOURCES else -1 for example in examples
-        ]
-        batch = self.collator([{k: v for k, v in example.items() if k != "source"} for example in examples])
-        batch["source_ids"] = torch.tensor(source_ids, dtype=torch.long)
-        return batch
 
 
 def _as_dsft_config(model: Any, args: TrainingArguments | None) -> DSFTConfig:
@@ -168,50 +157,26 @@ class DSFTTrainer(SFTTrainer):
         cache_dir: str | None = None,
         tokenizer: Any = None,
     ):
+        # Arguments: a DSFTConfig (a copy when keywords override it) and the original DELIA names
         args, diverse_dataset, processing_class = _resolve_aliases(
             model, args, processing_class, tokenizer, diverse_dataset, cache_dir, diverse_ratio
         )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a Dataset, a JSONL path, a saved folder or a hub name.")
 
-        # Every process builds the same mixture (seeded); the main one goes first so datasets' cache is written once.
-        with PartialState().main_process_first():
-            prepared = prepare_datasets(
-                train_dataset,
-                diverse_dataset,
-                eval_dataset,
-                ratio=args.diverse_ratio,
-                seed=args.diverse_seed,
-                sampling=args.diverse_sampling,
-                final_reply_only=args.final_reply_only,
-                assistant_only_loss=args.assistant_only_loss,
-                dataset_text_field=args.dataset_text_field,
-                formatting_func=formatting_func,
-            )
-        self.mixture_plan = prepared.plan
-        self._mixed = prepared.mixed
-        self._diverse_description = prepared.diverse_description
+        # Data: read, validate and mix the rows (the same mixture on every process), then fingerprint the mixture
+        prepared = self._prepare_data(args, train_dataset, diverse_dataset, eval_dataset, formatting_func)
         self.mixture_fingerprint = self._fingerprint_mixture(prepared, train_dataset, diverse_dataset)
-        if prepared.split_final_reply:
-            logger.info(
-                "DSFTTrainer trains conversations on their final assistant reply only (final_reply_only=True); "
-                "set final_reply_only=False to train on them as SFTTrainer does."
-            )
 
-        self._log_per_source = args.log_loss_per_source and prepared.mixed
-        if self._log_per_source and (args.packing or args.padding_free):
-            warnings.warn(
-                "Per-source loss logging is off: packing / padding-free training merges rows of both sources into one "
-                "sequence. Set packing=False and padding_free=False to log loss_downstream / loss_diverse.",
-                UserWarning,
-                stacklevel=2,
-            )
-            self._log_per_source = False
-        self._source_sums: dict[str, torch.Tensor] = {}
+        # Loss: per-source sums, when there are two sources and rows are not merged into one sequence
+        self._log_per_source = self._per_source_logging(args, prepared.mixed)
+        self._source_loss = SourceLoss()
 
+        # LoRA: only the new tokens' rows of the embeddings (and of an untied LM head) train
         if peft_config is not None and not isinstance(model, str):
             resolve_trainable_token_modules(peft_config, model)
 
+        # SFTTrainer: tokenises the prepared rows and builds the labels
         super().__init__(
             model=model,
             args=args,
@@ -232,9 +197,13 @@ class DSFTTrainer(SFTTrainer):
         expose_trainable_token_lm_head_bias(self.model)
         if "gradient_checkpointing" in getattr(self.args, "cpu_defaults", ()):
             self._checkpoint_if_activations_do_not_fit()
+
+        # Collator and tracked tokens: each row's source reaches compute_loss; eval forwards watched for track_tokens
         if self._log_per_source:
             self.data_collator = SourceTaggingCollator(self.data_collator)
         self._token_loss = self._build_token_loss_tracker()
+
+        # Mixture record: counts per source, the plan and the fingerprint, in the run folder and in every checkpoint
         self.mixture = self._mixture_record()
         self.add_callback(CheckpointRecordCallback(lambda: self.mixture))
         for note in prepared.notes:
@@ -246,48 +215,58 @@ class DSFTTrainer(SFTTrainer):
     # Data
     # ------------------------------------------------------------------------------------------------------------------
 
+    def _prepare_data(
+        self, args: DSFTConfig, train: Any, diverse: Any, eval_dataset: Any, formatting_func: Callable | None
+    ) -> PreparedData:
+        """The training and eval sets `SFTTrainer` gets, and how they were made (`delia.data.prepare_datasets`)."""
+        with PartialState().main_process_first():  # the main process first: datasets' cache is written once
+            prepared = prepare_datasets(
+                train,
+                diverse,
+                eval_dataset,
+                ratio=args.diverse_ratio,
+                seed=args.diverse_seed,
+                sampling=args.diverse_sampling,
+                final_reply_only=args.final_reply_only,
+                assistant_only_loss=args.assistant_only_loss,
+                dataset_text_field=args.dataset_text_field,
+                formatting_func=formatting_func,
+            )
+        self.mixture_plan = prepared.plan
+        self._mixed = prepared.mixed
+        self._diverse_description = prepared.diverse_description
+        if prepared.split_final_reply:
+            logger.info(
+                "DSFTTrainer trains conversations on their final assistant reply only (final_reply_only=True); "
+                "set final_reply_only=False to train on them as SFTTrainer does."
+            )
+        return prepared
+
+    @staticmethod
+    def _per_source_logging(args: DSFTConfig, mixed: bool) -> bool:
+        """Whether to log loss_downstream / loss_diverse: asked for, mixed, and rows not merged into one sequence."""
+        if not (args.log_loss_per_source and mixed):
+            return False
+        if args.packing or args.padding_free:
+            warnings.warn(
+                "Per-source loss logging is off: packing / padding-free training merges rows of both sources into one "
+                "sequence. Set packing=False and padding_free=False to log loss_downstream / loss_diverse.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return False
+        return True
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._log_per_source and "source" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "source"]
+        if self._log_per_source:
+            add_signature_column(self, "source")
 
     def _mixture_record(self) -> dict[str, Any]:
         """Rows, tokens and loss tokens per source in the prepared training set, plus how it was drawn."""
         plan: MixturePlan = self.mixture_plan
-        sources: dict[str, dict[str, int]] = {}
-        dataset = self.train_dataset
-        packed = isinstance(dataset, Dataset) and self._mixed and "source" not in dataset.column_names
-        if isinstance(dataset, Dataset) and {"input_ids", "labels"} <= set(dataset.column_names) and not packed:
-            tagged = self._mixed  # a `source` column of the user's own is not DELIA's tag
-            table = dataset.select_columns(["input_ids", "labels"] + (["source"] if tagged else [])).with_format(
-                "arrow"
-            )[:]
-            source = (
-                table.column("source").to_numpy(zero_copy_only=False)
-                if tagged
-                else np.full(table.num_rows, "downstream", dtype=object)
-            )
-            tokens = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
-            labels = table.column("labels")
-            loss_mask = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
-            parents = pc.list_parent_indices(labels).to_numpy()
-            loss_tokens = np.bincount(parents, weights=loss_mask, minlength=len(source))
-            for name in SOURCES:
-                rows = source == name
-                if rows.any():
-                    sources[name] = {
-                        "rows": int(rows.sum()),
-                        "tokens": int(tokens[rows].sum()),
-                        "loss_tokens": int(loss_tokens[rows].sum()),
-                    }
-        elif isinstance(dataset, Dataset):  # packed: the source column is gone after tokenisation
-            sources = {"downstream": {"rows": plan.downstream_rows}}
-            if plan.diverse_rows:
-                sources["diverse"] = {"rows": plan.diverse_rows}
-        else:  # streaming: rows are not known up front
-            sources = {"downstream": {"rows": None}}
         return {
-            "sources": sources,
+            "sources": source_counts(self.train_dataset, plan, self._mixed),
             "diverse_dataset": self._diverse_description,
             "cache_rows": plan.cache_rows,
             "diverse_ratio": plan.ratio,
@@ -302,11 +281,8 @@ class DSFTTrainer(SFTTrainer):
         a record of another mixture. Returns whether it was written."""
         path = os.path.join(self.args.output_dir, MIXTURE_FILE)
         if not replace_other and os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    recorded = json.load(handle).get("fingerprint") or {}
-            except (OSError, ValueError, AttributeError):
-                recorded = {}
+            record = read_json_or_none(path)
+            recorded = (record.get("fingerprint") if isinstance(record, dict) else None) or {}
             if recorded.get("combined") not in (None, self.mixture_fingerprint["combined"]):
                 return False
         try:
@@ -417,53 +393,21 @@ class DSFTTrainer(SFTTrainer):
             with score_label_positions_only():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # SFTTrainer's fused LM head returns per-token log-probs; catch them on the way out instead of recomputing.
-        outputs_seen = []
-        hook = model.register_forward_hook(lambda module, args, output: outputs_seen.append(output))
-        try:
-            with score_label_positions_only():
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            hook.remove()
-        fused = next((out for out in outputs_seen if getattr(out, "log_probs", None) is not None), None)
+        with forward_outputs(model) as outputs, score_label_positions_only():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        fused = fused_head_output(outputs)
         if fused is not None:
-            self._add_source_sums(fused.log_probs, fused.label_mask, source_ids)
+            mode = "train" if self.model.training else "eval"
+            self._source_loss.add(mode, fused.log_probs, fused.label_mask, source_ids)
         return result
-
-    @torch.no_grad()
-    def _add_source_sums(self, log_probs: torch.Tensor, label_mask: torch.Tensor, source_ids: torch.Tensor) -> None:
-        """Add each row's NLL and loss-token count to its source's running sums (rows without a source are skipped).
-
-        Rows are reduced first, so only one number per row is copied or indexed, never a (rows, tokens) tensor.
-        """
-        mode = "train" if self.model.training else "eval"
-        nll = log_probs.sum(dim=1, dtype=torch.float32).neg_()
-        tokens = label_mask.sum(dim=1, dtype=torch.float32)
-        ids = source_ids.to(log_probs.device)
-        known = ids >= 0
-        if not bool(known.all()):
-            ids, nll, tokens = ids[known], nll[known], tokens[known]
-        sums = self._source_sums.get(mode)
-        if sums is None:
-            sums = self._source_sums[mode] = torch.zeros(2, len(SOURCES), device=log_probs.device)
-        sums[0].index_add_(0, ids, nll)
-        sums[1].index_add_(0, ids, tokens)
-
-    def _pop_source_losses(self, mode: str, prefix: str) -> dict[str, float]:
-        sums = self._source_sums.pop(mode, None)
-        if sums is None:
-            sums = torch.zeros(2, len(SOURCES), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum")
-        nll, tokens = sums.tolist()
-        return {f"{prefix}loss_{name}": nll[i] / tokens[i] for i, name in enumerate(SOURCES) if tokens[i] > 0}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._log_per_source:
             if self.model.training:
-                logs.update(self._pop_source_losses("train", ""))
+                logs.update(self._source_loss.pop("train", "", self.accelerator))
             else:
                 loss_key = next((key for key in logs if key.endswith("_loss")), "eval_loss")
-                logs.update(self._pop_source_losses("eval", loss_key[: -len("loss")]))
+                logs.update(self._source_loss.pop("eval", loss_key[: -len("loss")], self.accelerator))
         if self._token_loss is not None and not self.model.training:
             self._log_token_losses(logs)
         super().log(logs, start_time)

@@ -5,7 +5,7 @@ The code lives in modules named for their jobs: `delia.modeling` (loading, dtype
 """
 
 from .config import get_training_arguments
-from .lora import expose_trainable_token_lm_head_bias, get_peft_config, resolve_trainable_token_modules
+from .lora import get_peft_config, resolve_trainable_token_modules
 from .modeling import (
     NEW_TOKEN_IDS_ATTRIBUTE,
     QUANTIZATION_CHOICES,
@@ -14,6 +14,7 @@ from .modeling import (
     quantization_config_for,
     setup_tokenizer_and_model,
 )
+from .upstream import expose_trainable_token_lm_head_bias
 
 __all__ = [
     "NEW_TOKEN_IDS_ATTRIBUTE",

@@ -17,7 +17,7 @@ import delia.config
 import delia.cpu
 import delia.trainer
 from delia import DSFTConfig, DSFTTrainer, add_new_tokens, get_peft_config, prepare_datasets
-from delia.lora import expose_trainable_token_lm_head_bias
+from delia.upstream import expose_trainable_token_lm_head_bias
 
 SETTINGS = {
     "per_device_train_batch_size": 4,

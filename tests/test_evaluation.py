@@ -203,7 +203,8 @@ def _truth(user_text: str) -> str:
 
 def _evaluate_scripted(monkeypatch, answer):
     import delia.generation.transformers_backend as backend_module
-    from delia.evaluation.evaluate import evaluate_model, load_eval_data
+    from delia.evaluation.eval_data import load_eval_data
+    from delia.evaluation.evaluate import evaluate_model
 
     monkeypatch.setattr(backend_module, "TransformersBackend", ScriptedBackend)
     data = load_eval_data(BUNDLED_EVAL, general_queries=None)
@@ -275,7 +276,7 @@ def test_an_adapter_folder_evaluates_as_the_trained_model(tmp_path):
     import torch
 
     from delia import DSFTTrainer, get_peft_config, setup_tokenizer_and_model
-    from delia.evaluation.evaluate import load_model_for_eval
+    from delia.modeling import load_for_inference
     from delia.tiny import save_tiny_model
 
     base = save_tiny_model(tmp_path / "base", "chatml", tie_word_embeddings=False)
@@ -295,7 +296,7 @@ def test_an_adapter_folder_evaluates_as_the_trained_model(tmp_path):
     )
     trainer.train()
     trainer.save_model()
-    loaded_tokenizer, loaded, description = load_model_for_eval(tmp_path / "run")
+    loaded_tokenizer, loaded, description = load_for_inference(tmp_path / "run")
     assert description["kind"] == "adapter" and description["new_tokens"] == ["<sep>"]
     ids = loaded_tokenizer("Follow the <sep> format.", return_tensors="pt")["input_ids"]
     assert tokenizer.convert_tokens_to_ids("<sep>") in ids[0].tolist()
@@ -359,7 +360,7 @@ def test_compare_prints_the_reports_side_by_side(tmp_path, capsys):
 
 
 def test_sweep_table_gives_mean_and_std_over_seeds():
-    from delia.evaluation.sweep import markdown_table, summarise
+    from delia.sweep import markdown_table, summarise
 
     def run(parse_rate, nll, learned, steps=10, probe=None):
         summary = {"parse_rate": parse_rate, "general_nll": nll, "format_learned": learned, "f1_yes": None}
@@ -444,7 +445,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
 
 
 def test_compare_says_when_the_general_nlls_are_over_different_queries(tmp_path):
-    from delia.evaluation.evaluate import compare_reports
+    from delia.evaluation.report import compare_reports
 
     folders = []
     for name, held_out in (("base", 128), ("trained", 12)):

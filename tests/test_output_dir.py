@@ -112,8 +112,8 @@ def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(tmp_path, mo
 
 
 def test_atomic_writes_keep_a_files_permissions_and_give_new_files_the_umasks(tmp_path):
-    from delia.evaluation.sweep import plot_metrics
     from delia.io import replace_atomically
+    from delia.sweep import plot_metrics
 
     old_umask = os.umask(0o022)
     try:

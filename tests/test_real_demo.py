@@ -10,7 +10,7 @@ import pytest
 
 from delia.cli import main as cli_main
 from delia.demo import demo_file
-from delia.evaluation.evaluate import read_report
+from delia.evaluation.report import read_report
 from delia.real_demo import run_real_demo, verdict_line
 
 
@@ -103,7 +103,7 @@ def test_small_reproduction_recipe_parses_as_delia_sweep_options(tmp_path):
 
     from delia import DSFTConfig
     from delia.evaluation.evaluate import EvalArguments
-    from delia.evaluation.sweep import SweepArguments
+    from delia.sweep import SweepArguments
     from delia.train import ModelArguments
 
     script = load_reproduce_script()

@@ -17,231 +17,28 @@ the same prompt with its instruction swapped for each DO-NOT instruction; all gr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
-from ..data import DataFormatError, DatasetOrigin, read_dataset, validate_conversations
-from ..data.rules import any_format_row_problem
-from .contrast import DO_NOT_INSTRUCTIONS, MIN_FOLLOW_RATE, replace_instruction, split_instruction, summarise_contrast
-from .metrics import Answer, read_answer, reference_label, score_answers
-
-REPORT_FILE = "eval_report.json"
-GENERATIONS_FILE = "eval_generations.jsonl"
-DEMO_DATA = files("delia") / "demo_data"
-#: The default eval set: shipped in the package (the first 16 rows of reproduce_checkpoint/eval_dataset.jsonl).
-DEFAULT_EVAL_DATASET = str(DEMO_DATA / "eval.jsonl")
-#: The default general queries: shipped in the package (the first 128 rows of reproduce_self_sample/query_cache.jsonl).
-DEFAULT_GENERAL_QUERIES = str(DEMO_DATA / "queries.jsonl")
+from ..bundled import DEFAULT_EVAL_DATASET, DEFAULT_GENERAL_QUERIES
+from ..io import read_json_or_none, replace_atomically, write_json_atomically
+from ..run_files import EVAL_GENERATIONS_FILE, EVAL_REPORT_FILE, MIXTURE_FILE
+from .contrast import DO_NOT_INSTRUCTIONS, MIN_FOLLOW_RATE, replace_instruction, summarise_contrast
+from .eval_data import EvalData, EvalRow, load_eval_data
+from .metrics import Answer, read_answer, score_answers
+from .report import compare_reports, format_report
 
 EVAL_DATASET_HELP = (
     "eval conversations in the <sep> format (the default: the 16 bundled rows; from a clone, "
     "reproduce_checkpoint/eval_dataset.jsonl has all 30)"
 )
-
-#: The rows of the comparison table: (summary key, label).
-SUMMARY_ROWS = (
-    ("parse_rate", "parse rate"),
-    ("accuracy", "accuracy"),
-    ("f1_yes", "F1 (yes)"),
-    ("dict_rate_follow", "dict rate, follow"),
-    ("dict_rate_do_not", "dict rate, DO-NOT"),
-    ("sensitivity", "sensitivity"),
-    ("format_learned", "format learned"),
-    ("general_nll", "general NLL/token"),
-    ("general_n", "general queries"),
-    ("n", "n"),
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Eval rows
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalRow:
-    """One eval conversation: the prompt (messages up to the final user turn), its instruction and reference label."""
-
-    prompt: list[dict[str, str]]
-    instruction: str
-    label: str
-    index: int
-    origin: DatasetOrigin
-
-    @property
-    def where(self) -> str:
-        """File and line (looked up only when needed: it reads the file)."""
-        return self.origin.where(self.index)
-
-
-def _conversation(row: dict) -> list[dict[str, str]]:
-    """A row's messages, from `messages` or from prompt + completion (strings or message lists)."""
-    if "messages" in row and row["messages"] is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    prompt, completion = row["prompt"], row["completion"]
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    return [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
-
-
-def load_eval_rows(source: Any, *, limit: int | None = None, label: str = "eval dataset") -> list[EvalRow]:
-    """Eval conversations whose final reply is a `<sep>` dict with a yes/no 'hallucination'; errors name file and line."""
-    dataset, origin = read_dataset(source, label, row_problem=any_format_row_problem)
-    validate_conversations(dataset, origin)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    rows = []
-    for index, row in enumerate(dataset):
-        messages = _conversation(row)
-        reference = reference_label(messages[-1]["content"])
-        if reference is None:
-            raise DataFormatError(
-                f"{origin.where(index)}: the final assistant reply is not a <sep> answer; expected a dict such as "
-                "{'thought': '...', 'hallucination': 'yes'} with 'hallucination' yes or no"
-            )
-        prompt = messages[:-1]
-        rows.append(EvalRow(prompt, split_instruction(prompt[-1]["content"])[1], reference, index, origin))
-    if not rows:
-        raise DataFormatError(f"{origin.label}: no rows; expected at least one conversation")
-    return rows
-
-
-def training_instructions(source: Any) -> set[str]:
-    """The instruction sentences of a training set's final user turns (to tell seen phrasings from unseen ones)."""
-    dataset, origin = read_dataset(source, "train dataset", row_problem=any_format_row_problem)
-    validate_conversations(dataset, origin)
-    instructions = set()
-    for row in dataset:
-        users = [m for m in _conversation(row) if m["role"] == "user"]
-        instructions.add(split_instruction(users[-1]["content"])[1])
-    return instructions
-
-
-def _describe(source: Any) -> str | None:
-    return None if source is None else os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """Everything an evaluation reads, loaded and checked once, before any model is loaded."""
-
-    rows: list[EvalRow]
-    seen: set[str] | None  # the training set's instruction phrasings, when one was given
-    general: list[Any] | None  # held-out general queries (delia.build_cache.Query), None to skip the general NLL
-    excluded: int  # general queries dropped because a diverse cache holds them
-    sources: dict[str, Any]
-
-
-def load_eval_data(
-    eval_dataset: Any = DEFAULT_EVAL_DATASET,
-    *,
-    train_dataset: Any = None,
-    general_queries: Any = DEFAULT_GENERAL_QUERIES,
-    exclude_caches: Sequence[Any] = (),
-    limit: int | None = None,
-) -> EvalData:
-    """Read the eval set, the training phrasings and the held-out general queries; errors name file and line."""
-    from .retention import held_out_queries
-
-    rows = load_eval_rows(eval_dataset, limit=limit)
-    seen = training_instructions(train_dataset) if train_dataset is not None else None
-    general, excluded = held_out_queries(general_queries, exclude_caches) if general_queries is not None else (None, 0)
-    sources = {
-        "eval_dataset": _describe(eval_dataset),
-        "train_dataset": _describe(train_dataset),
-        "general_queries": _describe(general_queries),
-        "excluded_caches": [_describe(cache) for cache in exclude_caches],
-    }
-    return EvalData(rows, seen, general, excluded, sources)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_model_for_eval(
-    target: str | os.PathLike,
-    *,
-    base_model: str | None = None,
-    quantization: str | None = None,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(tokenizer, model, description) for a model folder / hub name, or a LoRA adapter folder on its base model.
-
-    An adapter folder (adapter_config.json, as `delia train` writes with LoRA) is loaded on `base_model` (default:
-    the base its config names) with the folder's own tokenizer; the tokens it added to the base (`<sep>`) get their
-    rows as in training (`add_new_tokens`), then the adapter is applied.
-    """
-    from transformers import AutoTokenizer
-
-    from ..modeling import add_new_tokens, load_tokenizer_and_model
-    from ..runtime import default_device
-
-    path = os.fspath(target)
-    options = {
-        "quantization": quantization,
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
-        "device": None if quantization else default_device(),
-    }
-    adapter_config = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(adapter_config):
-        tokenizer, model = load_tokenizer_and_model(path, **options)
-        return tokenizer, model, {"kind": "model", "path": path}
-    try:
-        with open(adapter_config, encoding="utf-8") as handle:
-            base = base_model or json.load(handle).get("base_model_name_or_path")
-    except (OSError, ValueError) as error:
-        raise DataFormatError(f"{adapter_config}: not a readable JSON adapter config ({error})") from None
-    if not base:
-        raise ValueError(f"{adapter_config} names no base model (base_model_name_or_path); pass --base-model")
-    base_tokenizer, model = load_tokenizer_and_model(base, **options)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        tokenizer = base_tokenizer  # an adapter saved without its tokenizer
-    base_vocab = base_tokenizer.get_vocab()
-    added = sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1])
-    new_tokens = [token for token, _ in added if token not in base_vocab]
-    if new_tokens:
-        ids = add_new_tokens(base_tokenizer, model, new_tokens)
-        expected = tokenizer.convert_tokens_to_ids(new_tokens)
-        if ids != expected:
-            raise ValueError(
-                f"{path}: the adapter's tokenizer has {new_tokens} at ids {expected}, but adding them to base model "
-                f"{base!r} gives ids {ids}; pass the base model it was trained on (--base-model)"
-            )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, path)
-    return tokenizer, model, {"kind": "adapter", "path": path, "base_model": base, "new_tokens": new_tokens}
-
-
-def _generate(backend: Any, conversations: list[list[dict[str, str]]], sampling: Any, rows: list[EvalRow]) -> list[Any]:
-    """One reply per conversation (made from `rows`, one each), in order; longest prompts first, so batches pad little."""
-    from ..generation import PromptRenderError
-
-    try:
-        prompts = backend.prepare(conversations, [str(index) for index in range(len(conversations))])
-    except PromptRenderError as error:
-        raise ValueError(f"{rows[error.index].where}: {error}") from None
-    order = sorted(range(len(prompts)), key=lambda index: -prompts[index].length)
-    replies: list[Any] = [None] * len(prompts)
-    for index, reply in zip(order, backend.stream([prompts[i] for i in order], sampling), strict=True):
-        replies[index] = reply
-    return replies
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,6 +54,77 @@ def _group_scores(rows: Sequence[EvalRow], answers: Sequence[Answer], keys: Sequ
     return {
         key: score_answers([rows[i].label for i in indices], [answers[i] for i in indices])
         for key, indices in groups.items()
+    }
+
+
+def _autocast(model: Any, bf16_generation: bool | None) -> tuple[Any, bool]:
+    """(context, used): bf16 autocast for generation on a CPU when asked, or by default where bf16 is native."""
+    import torch
+
+    from ..cpu import native_bf16
+
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    on_cpu = parameter is None or parameter.device.type == "cpu"
+    used = bool(on_cpu and (native_bf16() if bf16_generation is None else bf16_generation))
+    return (torch.autocast("cpu", dtype=torch.bfloat16) if used else contextlib.nullcontext()), used
+
+
+def _answer_jobs(
+    model: Any, tokenizer: Any, jobs: list[tuple], sampling: Any, batch_size: int, bf16_generation: bool | None
+) -> tuple[list[Any], bool]:
+    """Every job's reply in one pass of the generation loop, and whether bf16 autocast was used."""
+    from ..generation.loop import answer_all
+    from ..generation.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
+    autocast, used = _autocast(model, bf16_generation)
+    with autocast:
+        replies = answer_all(backend, [job[3] for job in jobs], sampling, where=lambda index: jobs[index][0].where)
+    return replies, used
+
+
+def _phrasing_scores(rows: list[EvalRow], follow: list[Answer], seen: set[str] | None) -> tuple[list, dict | None]:
+    """Scores per instruction phrasing, and for phrasings seen in training vs unseen (given the training set)."""
+    by_phrasing = _group_scores(rows, follow, [row.instruction for row in rows])
+    phrasings = [
+        {"instruction": text, "seen": None if seen is None else text in seen, **scored.as_dict()}
+        for text, scored in by_phrasing.items()
+    ]
+    seen_unseen = None
+    if seen is not None:
+        split = _group_scores(rows, follow, ["seen" if row.instruction in seen else "unseen" for row in rows])
+        seen_unseen = {key: split[key].as_dict() if key in split else None for key in ("seen", "unseen")}
+    return phrasings, seen_unseen
+
+
+def _general_nll(model: Any, tokenizer: Any, data: EvalData, batch_size: int) -> dict[str, Any] | None:
+    """Retained general ability: the NLL per token of reference answers to the held-out general queries."""
+    from .retention import answer_nll
+
+    if data.general is None:
+        return None
+    pairs = [(query.query, query.reference) for query in data.general]
+    return {
+        "queries": data.sources["general_queries"],
+        "excluded_caches": data.sources["excluded_caches"],
+        "excluded": data.excluded,
+        **answer_nll(model, tokenizer, pairs, batch_size=batch_size),
+    }
+
+
+def _summary(n: int, scores: Any, contrast: dict[str, Any], general: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's headline numbers (the rows of `delia eval --compare` and of the sweep table)."""
+    return {
+        "n": n,
+        "parse_rate": scores.parse_rate,
+        "accuracy": scores.accuracy,
+        "f1_yes": scores.f1_yes,
+        "dict_rate_follow": contrast["dict_rate_follow"],
+        "dict_rate_do_not": contrast["dict_rate_do_not"],
+        "sensitivity": contrast["sensitivity"],
+        "format_learned": contrast["format_learned"],
+        "general_nll": general["nll_per_token"] if general else None,
+        "general_n": general["n"] if general else None,
     }
 
 
@@ -280,84 +148,35 @@ def evaluate_model(
     1.8x faster there; greedy answers can then differ from float32 ones where two tokens nearly tie. The general NLL
     is always computed in the model's own precision.
     """
-    import contextlib
-
-    import torch
-
-    from ..cpu import native_bf16
     from ..generation import SamplingConfig
-    from ..generation.transformers_backend import TransformersBackend
-    from .retention import answer_nll
 
     started = time.perf_counter()
-    rows, seen = data.rows, data.seen
+    rows = data.rows
     do_not_instructions = [text.strip() for text in do_not_instructions if text.strip()]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
-    # Every answer in one engine call: the prompts as given, then each row with each DO-NOT instruction
+    # Every answer in one pass: the prompts as given, then each row with each DO-NOT instruction
     jobs = [(row, "follow", row.instruction, row.prompt) for row in rows]
     jobs += [
         (row, "do_not", instruction, replace_instruction(row.prompt, instruction))
         for instruction in do_not_instructions
         for row in rows
     ]
-    backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    on_cpu = parameter is None or parameter.device.type == "cpu"
-    if bf16_generation is None:
-        bf16_generation = on_cpu and native_bf16()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_generation and on_cpu else contextlib.nullcontext()
-    with autocast:
-        replies = _generate(backend, [job[3] for job in jobs], sampling, [job[0] for job in jobs])
+    replies, bf16_used = _answer_jobs(model, tokenizer, jobs, sampling, batch_size, bf16_generation)
     answers = [read_answer(reply.text) for reply in replies]
     follow, do_not = answers[: len(rows)], answers[len(rows) :]
 
     scores = score_answers([row.label for row in rows], follow)
-    by_phrasing = _group_scores(rows, follow, [row.instruction for row in rows])
-    phrasings = [
-        {"instruction": text, "seen": None if seen is None else text in seen, **scored.as_dict()}
-        for text, scored in by_phrasing.items()
-    ]
-    seen_unseen = None
-    if seen is not None:
-        split = _group_scores(rows, follow, ["seen" if row.instruction in seen else "unseen" for row in rows])
-        seen_unseen = {key: split[key].as_dict() if key in split else None for key in ("seen", "unseen")}
-
-    contrast = summarise_contrast(
-        follow, do_not, [reply.text for reply in replies], do_not_instructions, min_follow_rate
-    )
-    general = None
-    if data.general is not None:
-        pairs = [(query.query, query.reference) for query in data.general]
-        general = {
-            "queries": data.sources["general_queries"],
-            "excluded_caches": data.sources["excluded_caches"],
-            "excluded": data.excluded,
-            **answer_nll(model, tokenizer, pairs, batch_size=batch_size),
-        }
-
+    phrasings, seen_unseen = _phrasing_scores(rows, follow, data.seen)
+    texts = [reply.text for reply in replies]
+    contrast = summarise_contrast(follow, do_not, texts, do_not_instructions, min_follow_rate)
+    general = _general_nll(model, tokenizer, data, batch_size)
     report = {
         "eval_dataset": data.sources["eval_dataset"],
         "train_dataset": data.sources["train_dataset"],
-        "sampling": {
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "bf16_autocast": bool(bf16_generation and on_cpu),
-        },
-        "summary": {
-            "n": len(rows),
-            "parse_rate": scores.parse_rate,
-            "accuracy": scores.accuracy,
-            "f1_yes": scores.f1_yes,
-            "dict_rate_follow": contrast["dict_rate_follow"],
-            "dict_rate_do_not": contrast["dict_rate_do_not"],
-            "sensitivity": contrast["sensitivity"],
-            "format_learned": contrast["format_learned"],
-            "general_nll": general["nll_per_token"] if general else None,
-            "general_n": general["n"] if general else None,
-        },
+        "sampling": {**{k: getattr(sampling, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+                     "bf16_autocast": bf16_used},
+        "summary": _summary(len(rows), scores, contrast, general),
         "follow": scores.as_dict(),
         "by_phrasing": phrasings,
         "seen_unseen": seen_unseen,
@@ -365,7 +184,7 @@ def evaluate_model(
         "general": general,
         "truncated_answers": sum(reply.finish_reason == "length" for reply in replies),
         "seconds": round(time.perf_counter() - started, 1),
-    }
+    }  # fmt: skip
     generations = [
         {
             "row": row.index,  # 0-based, in the eval dataset
@@ -384,27 +203,20 @@ def evaluate_model(
 
 def write_report(folder: str | os.PathLike, report: dict[str, Any], generations: Sequence[dict[str, Any]]) -> str:
     """Write eval_report.json and eval_generations.jsonl into `folder`, each atomically; returns the report's path."""
-    from ..io import replace_atomically, write_json_atomically
-
     os.makedirs(folder, exist_ok=True)
     replace_atomically(
-        os.path.join(folder, GENERATIONS_FILE),
+        os.path.join(folder, EVAL_GENERATIONS_FILE),
         lambda out: out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in generations),
     )
-    path = os.path.join(folder, REPORT_FILE)
+    path = os.path.join(folder, EVAL_REPORT_FILE)
     write_json_atomically(path, report)
     return path
 
 
 def _mixture_cache(folder: str) -> str | None:
     """The diverse cache a run folder's delia_mixture.json names, when it is a file that still exists."""
-    from ..runtime import MIXTURE_FILE
-
-    try:
-        with open(os.path.join(folder, MIXTURE_FILE), encoding="utf-8") as handle:
-            cache = json.load(handle).get("diverse_dataset")
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = read_json_or_none(os.path.join(folder, MIXTURE_FILE))
+    cache = record.get("diverse_dataset") if isinstance(record, dict) else None
     return cache if isinstance(cache, str) and os.path.isfile(cache) else None
 
 
@@ -460,7 +272,9 @@ def prepare_evaluation(
         exclude_caches=exclude_caches,
         limit=limit,
     )
-    tokenizer, model, description = load_model_for_eval(
+    from ..modeling import load_for_inference
+
+    tokenizer, model, description = load_for_inference(
         target, base_model=base_model, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code
     )
     return Evaluation(target, folder, data, tokenizer, model, description)
@@ -474,120 +288,6 @@ def evaluate(target: str | os.PathLike, **options: Any) -> dict[str, Any]:
     names = inspect.signature(prepare_evaluation).parameters
     setup = {key: value for key, value in options.items() if key in names}
     return prepare_evaluation(target, **setup).run(**{k: v for k, v in options.items() if k not in names})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Printing and comparing
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
-def _cell(key: str, value: Any) -> str:
-    """A summary value as a table cell."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if key == "sensitivity":
-        return f"{value * 100:+.1f} pts"
-    if key == "f1_yes":
-        return f"{value:.3f}"
-    if key == "general_nll":
-        return f"{value:.4f}"
-    if isinstance(value, float):
-        return _percent(value)
-    return str(value)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as a printed table."""
-    scores, contrast, general = report["follow"], report["contrast"], report["general"]
-    confusion = scores["confusion"]
-    lines = [
-        f"delia eval: {report.get('target', 'model')} ({report.get('model', {}).get('kind', 'model')}), "
-        f"{scores['n']} eval rows from {report['eval_dataset']}, {report['seconds']} s",
-        f"  format (parse rate)   {_percent(scores['parse_rate']):>7}  ({scores['in_format']}/{scores['n']})",
-        f"  accuracy              {_percent(scores['accuracy']):>7}  ({scores['correct']}/{scores['n']}; "
-        f"{_percent(scores['accuracy_labelled'])} of the answers with a yes/no label)",
-        f"  F1 (yes)              {_cell('f1_yes', scores['f1_yes']):>7}  (precision "
-        f"{_cell('f1_yes', scores['precision_yes'])}, recall {_cell('f1_yes', scores['recall_yes'])})",
-        "  confusion (rows: reference; columns: predicted)",
-        f"  {'':>10}{'yes':>8}{'no':>8}{'unparsed':>10}",
-    ]
-    for reference in ("yes", "no"):
-        row = confusion[reference]
-        lines.append(f"  {reference:>10}{row['yes']:>8}{row['no']:>8}{row['unparsed']:>10}")
-    lines += [
-        "  <sep> contrast        follow  DO-NOT",
-        f"  dict rate             {_percent(contrast['dict_rate_follow']):>6}  {_percent(contrast['dict_rate_do_not']):>6}"
-        f"   (not dict when told not to: {_percent(contrast['not_dict_rate_do_not'])})",
-        f"  opens with '{{'        {_percent(contrast['opens_dict_rate_follow']):>6}  "
-        f"{_percent(contrast['opens_dict_rate_do_not']):>6}   (parsable or not: a trace of the surface being learned)",
-        f"  sensitivity           {_cell('sensitivity', contrast['sensitivity'])}",
-        f"  verdict: {contrast['verdict']}",
-    ]
-    if general:
-        lines.append(
-            f"  general NLL/token     {_cell('general_nll', general['nll_per_token'])}  ({general['n']} held-out "
-            f"queries of {general['queries']}, {general['excluded']} excluded, {general['tokens']} tokens)"
-        )
-    if report.get("seen_unseen"):
-        for key, scored in report["seen_unseen"].items():
-            if scored:
-                lines.append(
-                    f"  {key + ' phrasings':<22}{_percent(scored['accuracy']):>7} accuracy, "
-                    f"{_percent(scored['parse_rate'])} format, n={scored['n']}"
-                )
-    lines.append(f"  {'by phrasing':<70}{'n':>4}{'format':>8}{'accuracy':>10}  seen")
-    for phrasing in report["by_phrasing"]:
-        text = phrasing["instruction"]
-        text = text if len(text) <= 68 else text[:65] + "..."
-        seen = "" if phrasing["seen"] is None else ("seen" if phrasing["seen"] else "unseen")
-        lines.append(
-            f"  {text:<70}{phrasing['n']:>4}{_percent(phrasing['parse_rate']):>8}{_percent(phrasing['accuracy']):>10}"
-            f"  {seen}"
-        )
-    return "\n".join(lines)
-
-
-def read_report(path: str | os.PathLike) -> dict[str, Any]:
-    """A report from its file or from the folder that holds eval_report.json; errors name the path."""
-    path = os.fspath(path)
-    file = os.path.join(path, REPORT_FILE) if os.path.isdir(path) else path
-    try:
-        with open(file, encoding="utf-8") as handle:
-            report = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file!r} not found; expected an eval report (run `delia eval` on it first)") from None
-    except ValueError as error:
-        raise DataFormatError(f"{file}: not a JSON eval report ({error})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
-        raise DataFormatError(f"{file}: no 'summary' object; expected a report written by `delia eval`")
-    return report
-
-
-def compare_reports(paths: Sequence[str | os.PathLike], names: Sequence[str] | None = None) -> str:
-    """The reports' summaries side by side: a markdown table with one column per run."""
-    summaries = [read_report(path)["summary"] for path in paths]
-    names = list(names) if names is not None else [_run_name(path) for path in paths]
-    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for key, label in SUMMARY_ROWS:
-        lines.append(f"| {label} | " + " | ".join(_cell(key, summary.get(key)) for summary in summaries) + " |")
-    if len({summary.get("general_n") for summary in summaries if summary.get("general_n")}) > 1:
-        lines.append(
-            "\nnote: the general NLLs are over different held-out queries (a run's own cache is left out of its "
-            "set); evaluate the others with --exclude_cache naming that cache to compare them"
-        )
-    return "\n".join(lines)
-
-
-def _run_name(path: str | os.PathLike) -> str:
-    """A column title for a run: its folder's path (the report's folder for a report file)."""
-    path = os.path.normpath(os.fspath(path))
-    return os.path.dirname(path) if path.endswith(REPORT_FILE) else path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -656,11 +356,10 @@ class EvalArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
+    from ..command_line import command_parser
     from ..runtime import quiet_progress_bars
 
-    parser = HfArgumentParser(EvalArguments, prog="delia eval", description=__doc__.splitlines()[0])
+    parser = command_parser(EvalArguments, "delia eval", __doc__.splitlines()[0])
     parser.add_argument("target", nargs="?", help="a run folder, an adapter folder, a model folder or a hub name")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print these runs' reports side by side")
     parser.add_argument("--output", default=None, help="folder for the report (none given: the target folder)")

@@ -30,34 +30,27 @@ generation prompt's last token, the same in all three variants, so its score is 
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import math
 import os
 import re
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..bundled import default_probe_prompts
+from ..io import write_json_atomically
+from ..modeling import load_for_inference
+from ..run_files import PROBE_PLOT_FILE, PROBE_REPORT_FILE
 
 EXPLICIT_FORMAT = (
     "the format of a Python dict with exactly two keys, 'thought' (your reasoning in one sentence) and "
     "'hallucination' ('yes' or 'no')"
 )
 VARIANTS = ("sep", "explicit", "control")
-REPORT_FILE, PLOT_FILE = "probe.json", "probe.png"
 NEAREST = 10
-
-
-def default_prompts() -> str:
-    """The bundled eval set: reproduce_checkpoint/eval_dataset.jsonl in a clone, else the demo's eval rows."""
-    clone = Path(__file__).resolve().parents[2] / "reproduce_checkpoint" / "eval_dataset.jsonl"
-    if clone.is_file():
-        return str(clone)
-    return str(Path(__file__).resolve().parents[1] / "demo_data" / "eval.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,7 +83,7 @@ def load_prompts(
     from ..data import load_conversations
     from ..data.reading import line_of_row
 
-    source = source or default_prompts()
+    source = source or default_probe_prompts()
     dataset = load_conversations(source, label="prompts")
     variants = []
     for row_index, row in enumerate(dataset):
@@ -109,33 +102,6 @@ def load_prompts(
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_probe_model(
-    path: str, base: str | None = None, token: str = "<sep>", quantization: str | None = None
-) -> tuple[Any, torch.nn.Module]:
-    """(tokenizer, model) for a model folder / hub name, or for a LoRA adapter folder on its base model.
-
-    A base model without `token` gets it added, initialised as `delia train` initialises it before training, so the
-    base side of a comparison is the model training started from. An adapter's base is `base`, or the one its
-    adapter_config.json names.
-    """
-    from ..modeling import setup_tokenizer_and_model
-
-    adapter_config = Path(path) / "adapter_config.json"
-    model_path = path
-    if adapter_config.is_file():
-        model_path = base or json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not model_path:
-            raise ValueError(f"{adapter_config} names no base model; pass --base")
-    elif base is not None and os.path.isdir(path) and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"{path!r} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json)")
-    tokenizer, model = setup_tokenizer_and_model(model_path, quantization=quantization, new_tokens=(token,))
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, path)
-    return tokenizer, model.eval()
 
 
 def _render(tokenizer: Any, text: str) -> list[int]:
@@ -279,13 +245,13 @@ def run_probe(
     quantization: str | None = None,
 ) -> dict[str, Any]:
     """Probe each model in turn (one in memory at a time); write probe.json and probe.png; return the report."""
-    source = prompts or default_prompts()
+    source = prompts or default_probe_prompts()
     variants = load_prompts(source, token, limit, explicit)
     probed = []
     from .plots import run_labels
 
     for label, path in zip(run_labels(models), models, strict=True):
-        tokenizer, model = load_probe_model(path, base, token, quantization)
+        tokenizer, model, _ = load_for_inference(path, base_model=base, quantization=quantization, new_tokens=(token,))
         probed.append(probe_model(tokenizer, model, variants, label, path, token, batch_size))
         del model
         gc.collect()
@@ -300,11 +266,9 @@ def run_probe(
         "score": "mean over prompts of cos(sep, explicit) - cos(control, explicit) at the last prompt position",
         "models": [model.as_json() for model in probed],
     }
-    from ..io import write_json_atomically
-
     os.makedirs(output_dir, exist_ok=True)
-    write_json_atomically(os.path.join(output_dir, REPORT_FILE), report)
-    plot_probe(report, os.path.join(output_dir, PLOT_FILE))
+    write_json_atomically(os.path.join(output_dir, PROBE_REPORT_FILE), report)
+    plot_probe(report, os.path.join(output_dir, PROBE_PLOT_FILE))
     return report
 
 
@@ -353,31 +317,42 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return value
+@dataclass
+class ProbeArguments:
+    """`delia probe`'s options (the models to probe are named apart)."""
+
+    base: str | None = field(default=None, metadata={"help": "base model of the adapters (default: their config's)"})
+    prompts: str | None = field(default=None, metadata={"help": "DELIA conversations whose user turns use the token"})
+    limit: int | None = field(default=None, metadata={"help": "use the first N prompts"})
+    token: str = field(default="<sep>", metadata={"help": "the token that stands for the format"})
+    explicit: str = field(default=EXPLICIT_FORMAT, metadata={"help": "the format written out, replacing the token"})
+    output: str = field(default="runs/probe", metadata={"help": "folder for probe.json and probe.png"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
+    quantization: str = field(default="none", metadata={"help": "none (default), auto, 8bit or 4bit"})
+
+    def __post_init__(self):
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="delia probe", description=__doc__.splitlines()[0])
+    from ..command_line import command_parser
+
+    parser = command_parser(ProbeArguments, "delia probe", __doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model folders / hub names, or LoRA adapter (run) folders")
-    parser.add_argument("--base", default=None, help="base model of the adapters (default: their adapter_config)")
-    parser.add_argument("--prompts", default=None, help="DELIA conversations whose user turns use the token")
-    parser.add_argument("--limit", type=_positive, default=None, help="use the first N prompts")
-    parser.add_argument("--token", default="<sep>")
-    parser.add_argument("--explicit", default=EXPLICIT_FORMAT, help="the format written out, replacing the token")
-    parser.add_argument("--output", default="runs/probe", help="folder for probe.json and probe.png")
-    parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument("--quantization", default="none", help="none (default), auto, 8bit or 4bit")
-    options = parser.parse_args(argv)
+    try:
+        options, positionals = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:
+        print(f"delia probe: error: {error}", file=sys.stderr)
+        return 2
     from ..runtime import quiet_progress_bars
 
     try:
         with quiet_progress_bars():  # the table is the output; an error is the one line on stderr
             report = run_probe(
-                options.models,
+                positionals.models,
                 base=options.base,
                 prompts=options.prompts,
                 limit=options.limit,
@@ -391,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delia probe: error: {error}", file=sys.stderr)
         return 2
     print(format_table(report))
-    print(f"report: {os.path.join(options.output, REPORT_FILE)}, plot: {os.path.join(options.output, PLOT_FILE)}")
+    print(
+        f"report: {os.path.join(options.output, PROBE_REPORT_FILE)}, plot: {os.path.join(options.output, PROBE_PLOT_FILE)}"
+    )
     return 0
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +35,7 @@ RECIPE = HERE / "recipe.yaml"
 
 def cache_queries(output_dir: Path) -> Path:
     """The bundled general queries that the evaluation does not hold out, written to `output_dir` (atomically)."""
-    from delia.evaluation.evaluate import DEFAULT_GENERAL_QUERIES
+    from delia.bundled import DEFAULT_GENERAL_QUERIES
     from delia.io import replace_atomically
 
     with open(DEFAULT_GENERAL_QUERIES, encoding="utf-8") as handle:
@@ -98,41 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     options, sweep_argv = parser.parse_known_args(argv)
     sweep_argv = [arg for arg in sweep_argv if arg != "--"]
 
-    import torch
-
-    from delia.build_cache import build_cache
-    from delia.cpu import native_bf16
-    from delia.evaluation import sweep
+    from delia.experiment import Experiment
     from delia.io import replace_atomically
-    from delia.models import resolve_model
-    from delia.runtime import start_run_folder
+    from delia.run_files import DIVERSE_CACHE_FILE, SWEEP_TABLE_FILE
+    from delia.sweep import SweepInputError, parse_arguments
 
-    started = time.perf_counter()
+    try:  # the recipe and the options first: a bad one is one line, before the model is fetched
+        cache = Path(options.output_dir) / DIVERSE_CACHE_FILE  # the bundled part, then the public part (if any)
+        recipe = ["--config", str(RECIPE), "--diverse_dataset", str(cache), "--output_dir", str(options.output_dir)]
+        sweep_options = parse_arguments([*recipe, *sweep_argv])
+    except (ValueError, OSError) as error:
+        print(f"reproduce.py: error: {error}", file=sys.stderr)
+        return 2
     output_dir = Path(options.output_dir)
-    start_run_folder(str(output_dir))
-    timings: dict[str, float] = {}
+    experiment = Experiment.start("smollm2-135m-instruct", output_dir)
 
-    phase = time.perf_counter()
-    model = resolve_model("smollm2-135m-instruct")
-    timings["model"] = time.perf_counter() - phase
-
-    phase = time.perf_counter()
-    cache = output_dir / "diverse_cache.jsonl"  # the bundled part, then the public part (when there is one)
-    dtype = "bfloat16" if not torch.cuda.is_available() and native_bf16() else "auto"
-    sampling = {"max_new_tokens": options.cache_max_new_tokens, "seed": options.seed, "dtype": dtype, "batch_size": 32}
+    sampling = {"max_new_tokens": options.cache_max_new_tokens, "seed": options.seed}
     parts = [output_dir / "self_sample_bundled.jsonl"]
-    counts = build_cache(
-        model, cache_queries(output_dir), parts[0], samples_per_query=options.samples_per_query, **sampling
-    ).counts()
+    queries = cache_queries(output_dir)
+    counts = experiment.self_sample(queries, parts[0], samples_per_query=options.samples_per_query, **sampling).counts()
     notes = []
     if options.public_queries:
         try:
-            public = build_cache(
-                model,
-                options.public_queries,
-                output_dir / "self_sample_public.jsonl",
-                limit=options.public_limit,
-                **sampling,
+            public = experiment.self_sample(
+                options.public_queries, output_dir / "self_sample_public.jsonl", limit=options.public_limit, **sampling
             )
         except (OSError, ValueError) as error:  # the hub unreachable, or no such dataset: go on without it
             notes.append(f"Public queries {options.public_queries!r} not used: {str(error).splitlines()[0][:200]}")
@@ -141,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("written", "skipped_already_done", "dropped_degenerate"):
                 counts[key] += public.counts()[key]
     replace_atomically(str(cache), lambda out: [out.write(part.read_text(encoding="utf-8")) for part in parts])
-    timings["self-sampling"] = time.perf_counter() - phase
 
     reused = finished_runs(output_dir)
     if counts["skipped_already_done"] or reused:
@@ -149,16 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             f"Resumed: {counts['skipped_already_done']} cache rows and {reused} evaluated runs came from an earlier "
             "call; the wall time above covers this call only."
         )
-    phase = time.perf_counter()
-    status = sweep.main(
-        ["--config", str(RECIPE), "--diverse_dataset", str(cache), "--output_dir", str(output_dir), *sweep_argv]
-    )
-    timings["sweep (training, evaluation, probe)"] = time.perf_counter() - phase
-    if status != 0:
-        return status
+    try:
+        experiment.sweep(*sweep_options)
+    except SweepInputError as error:
+        print(f"reproduce.py: error: {error}", file=sys.stderr)
+        return 2
+    timings = dict(experiment.timings)
+    timings["sweep (training, evaluation, probe)"] = timings.pop("training and evaluation")
 
-    total = time.perf_counter() - started
-    table = (output_dir / sweep.TABLE_FILE).read_text(encoding="utf-8")
+    total = experiment.wall_seconds()
+    table = (output_dir / SWEEP_TABLE_FILE).read_text(encoding="utf-8")
     lines = [
         "# Small-scale <sep> reproduction: measured",
         "",

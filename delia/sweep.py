@@ -31,19 +31,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ..config import DSFTConfig, check_diverse_ratio
-from ..io import replace_atomically
-from ..runtime import start_run_folder
-from .evaluate import (
-    DEFAULT_EVAL_DATASET,
-    REPORT_FILE,
-    EvalArguments,
-    EvalData,
-    evaluate_model,
-    load_eval_data,
-    read_report,
-    write_report,
-)
+from .bundled import DEFAULT_EVAL_DATASET
+from .config import DSFTConfig, check_diverse_ratio
+from .evaluation.eval_data import EvalData, load_eval_data
+from .evaluation.evaluate import EvalArguments, evaluate_model, write_report
+from .evaluation.report import read_report
+from .io import replace_atomically
+from .run_files import EVAL_REPORT_FILE, SWEEP_CSV_FILE, SWEEP_TABLE_FILE
+from .runtime import start_run_folder
 
 BUDGETS = ("steps", "epoch")
 #: The metrics of the table and the figures: (summary key, label, kind).
@@ -57,7 +52,6 @@ METRICS = (
     ("general_nll", "general NLL/token", "nll"),
     ("probe_score", "<sep> probe", "score"),
 )
-TABLE_FILE, CSV_FILE = "sweep.md", "sweep.csv"
 
 
 class SweepInputError(ValueError):
@@ -120,7 +114,7 @@ def _settings(model_args: Any, args: DSFTConfig, ratio: float | None, seed: int 
 
 def _finished(folder: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The report of a finished run with these settings; None if it has none; an error if it was trained otherwise."""
-    if not os.path.isfile(os.path.join(folder, REPORT_FILE)):
+    if not os.path.isfile(os.path.join(folder, EVAL_REPORT_FILE)):
         return None
     try:
         report = read_report(folder)
@@ -137,7 +131,7 @@ def _finished(folder: str, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 def _probe(model: Any, tokenizer: Any, folder: str) -> dict[str, Any]:
     """`delia probe` on the trained model in memory: per-layer <sep>-vs-explicit scores and <sep>'s nearest tokens."""
-    from .probe import load_prompts, probe_model
+    from .evaluation.probe import load_prompts, probe_model
 
     probed = probe_model(tokenizer, model, load_prompts(limit=16), label=os.path.basename(folder), path=folder)
     return probed.as_json()
@@ -164,7 +158,7 @@ def train_and_evaluate(
     probe: bool = True,
 ) -> dict[str, Any]:
     """Train one run of the sweep into its folder, evaluate it, write its report; return the report."""
-    from ..train import build_trainer
+    from .train import build_trainer
 
     folder = run_folder(args.output_dir, ratio, seed)
     settings = _settings(model_args, args, ratio, seed, budget)
@@ -209,8 +203,7 @@ def evaluate_base(
     """Evaluate the base model once (row 'base' of the table), into output_dir/base; reused when already there."""
     import torch
 
-    from ..modeling import load_tokenizer_and_model, resolve_quantization
-    from ..runtime import default_device
+    from .modeling import load_for_inference, resolve_quantization
 
     folder = os.path.join(args.output_dir, "base")
     settings = _settings(model_args, args, None, None, "")
@@ -219,13 +212,12 @@ def evaluate_base(
         return report
     try:
         quantization = resolve_quantization(model_args.quantization, torch.cuda.is_available())
-        tokenizer, model = load_tokenizer_and_model(  # in the precision the trained runs are evaluated in
+        tokenizer, model, _ = load_for_inference(  # in the precision the trained runs are evaluated in
             model_args.model_name_or_path,
             quantization=quantization,
             attn_implementation=model_args.attn_implementation,
             dtype=model_args.torch_dtype,
             trust_remote_code=args.trust_remote_code,
-            device=None if quantization else default_device(),
         )
     except (ValueError, OSError) as error:
         raise SweepInputError(f"base model: {error}") from None
@@ -356,8 +348,8 @@ def plot_metrics(
 def write_tables(rows: Sequence[dict[str, Any]], folder: str) -> str:
     """sweep.md and sweep.csv, each written atomically; returns the markdown."""
     table = markdown_table(rows)
-    replace_atomically(os.path.join(folder, TABLE_FILE), lambda out: out.write(table + "\n"))
-    replace_atomically(os.path.join(folder, CSV_FILE), lambda out: out.write(_csv_text(rows)))
+    replace_atomically(os.path.join(folder, SWEEP_TABLE_FILE), lambda out: out.write(table + "\n"))
+    replace_atomically(os.path.join(folder, SWEEP_CSV_FILE), lambda out: out.write(_csv_text(rows)))
     return table
 
 
@@ -406,16 +398,22 @@ def run_sweep(
     return rows
 
 
+def parse_arguments(argv: list[str] | None = None) -> tuple[SweepArguments, EvalArguments, Any, DSFTConfig]:
+    """`delia sweep`'s options (and a YAML recipe's, with --config): the sweep's, eval's, the model's, training's."""
+    from .command_line import command_parser
+    from .train import ModelArguments
+
+    parser = command_parser((SweepArguments, EvalArguments, ModelArguments, DSFTConfig), "delia sweep", recipes=True)
+    return parser.parse_args_and_config(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     import yaml
-    from trl import TrlParser
 
-    from ..runtime import leave_process_group
-    from ..train import ModelArguments
+    from .runtime import leave_process_group
 
-    parser = TrlParser((SweepArguments, EvalArguments, ModelArguments, DSFTConfig), prog="delia sweep")
     try:
-        sweep, eval_args, model_args, args = parser.parse_args_and_config(argv)
+        sweep, eval_args, model_args, args = parse_arguments(argv)
     except (ValueError, OSError, yaml.YAMLError) as error:
         print(f"delia sweep: error: {error}", file=sys.stderr)
         return 2
@@ -425,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delia sweep: error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
-    print(f"\nsweep folder: {args.output_dir} ({TABLE_FILE}, {CSV_FILE}, sweep_<metric> figures, one folder per run)")
+    print(
+        f"\nsweep folder: {args.output_dir} ({SWEEP_TABLE_FILE}, {SWEEP_CSV_FILE}, sweep_<metric> figures, one folder per run)"
+    )
     leave_process_group()
     return 0
 
