@@ -51,125 +51,123 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the delia next to this file
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+import numpy as np
+import torch
+from harness import announce_delia, conversation, quiet, rotated, write_jsonl
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+from delia.build_cache import build_cache
+from delia.generation import transformers_backend
+from delia.generation.prompts import PromptRenderer, build_conversation
+from delia.tiny import TRAINING_TEXT, build_tiny_tokenizer, save_tiny_model
 
-from delia.build_cache import build_cache  # noqa: E402
-from delia.generation import transformers_backend  # noqa: E402
-from delia.generation.prompts import PromptRenderer, build_conversation  # noqa: E402
-from delia.tiny import TRAINING_TEXT, build_tiny_tokenizer, save_tiny_model  # noqa: E402
+MIN_LENGTH = 24  # the template's 16 tokens, the query's index and a few words
 
-# ----------------------------------------------------------------------------------------------------------------------
-parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-parser.add_argument("--queries", type=int, default=256, help="queries answered by the batched configurations")
-parser.add_argument("--sequential-queries", type=int, default=64, help="subset answered one at a time")
-parser.add_argument("--batch-size", type=int, default=32)
-parser.add_argument("--new-tokens", type=int, default=32, help="min_new_tokens = max_new_tokens")
-parser.add_argument("--rounds", type=int, default=5, help="rounds (each runs every configuration once)")
-parser.add_argument("--hidden-size", type=int, default=256)
-parser.add_argument("--layers", type=int, default=4)
-parser.add_argument("--median-length", type=int, default=40, help="median prompt length in tokens")
-parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the prompt lengths")
-parser.add_argument("--max-length", type=int, default=448, help="longest prompt (the tiny model has 512 positions)")
-parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; see the docstring)")
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
-assert 0 < args.sequential_queries <= args.queries, "--sequential-queries must be between 1 and --queries"
-assert args.max_length + args.new_tokens <= 512, "prompt + reply must fit the tiny model's 512 positions"
-assert args.rounds >= 1
 
-if args.threads > 0:
-    torch.set_num_threads(args.threads)
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-logging.getLogger("delia").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore")
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's settings."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--queries", type=int, default=256, help="queries answered by the batched configurations")
+    parser.add_argument("--sequential-queries", type=int, default=64, help="subset answered one at a time")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="min_new_tokens = max_new_tokens")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (each runs every configuration once)")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--median-length", type=int, default=40, help="median prompt length in tokens")
+    parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the prompt lengths")
+    parser.add_argument("--max-length", type=int, default=448, help="longest prompt (the tiny model has 512 positions)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; see the docstring)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    assert 0 < args.sequential_queries <= args.queries, "--sequential-queries must be between 1 and --queries"
+    assert args.max_length + args.new_tokens <= 512, "prompt + reply must fit the tiny model's 512 positions"
+    assert args.rounds >= 1
+    return args
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts of skewed length
 
-MIN_LENGTH = 24  # the template's 16 tokens, the query's index and a few words
-tokenizer = build_tiny_tokenizer("llama2")
-renderer = PromptRenderer(tokenizer)
-WORDS = TRAINING_TEXT.split()
 
+class Prompts:
+    """The queries, in file order (long and short mixed), their prompt lengths, and the sequential subset."""
 
-def prompt_length(query: str) -> int:
-    """Tokens of the rendered prompt, as TransformersBackend.prepare counts them."""
-    prompt = renderer.render(build_conversation(query, None, "plain", None))
-    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def __init__(self, args: argparse.Namespace):
+        self.tokenizer = build_tiny_tokenizer("llama2")
+        self.renderer = PromptRenderer(self.tokenizer)
+        self.words = TRAINING_TEXT.split()
+        self.template_length = self.prompt_length("x") - 1  # the chat template's own tokens around the query
+        rng = np.random.default_rng(args.seed)
+        targets = np.exp(rng.normal(np.log(args.median_length), args.sigma, args.queries))
+        targets = np.clip(np.round(targets), MIN_LENGTH, args.max_length).astype(int)
+        self.queries = [self.make_query(index, int(target), rng) for index, target in enumerate(targets)]
+        rng.shuffle(self.queries)  # file order: long and short mixed
+        self.lengths = [self.prompt_length(query) for query in self.queries]
+        assert len(set(self.queries)) == len(self.queries)
+        # the sequential subset: every k-th query by prompt length, so it has the full set's length distribution
+        self.by_length = sorted(range(args.queries), key=lambda index: self.lengths[index])
+        step = args.queries / args.sequential_queries
+        self.subset = sorted(self.by_length[int(i * step + step / 2)] for i in range(args.sequential_queries))
 
+    def prompt_length(self, query: str) -> int:
+        """Tokens of the rendered prompt, as TransformersBackend.prepare counts them."""
+        prompt = self.renderer.render(build_conversation(query, None, "plain", None))
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-def make_query(index: int, target: int, rng: np.random.Generator) -> str:
-    """Query `index`: random words from the tokenizer's text, cut so the rendered prompt has about `target` tokens."""
-    words = " ".join(rng.choice(WORDS, size=target))  # at least one token per word: more than enough
-    ids = tokenizer(f"{index}: {words}", add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[: target - TEMPLATE_LENGTH]).strip()
+    def make_query(self, index: int, target: int, rng: np.random.Generator) -> str:
+        """Query `index`: random words from the tokenizer's text, cut so the rendered prompt has about `target` tokens."""
+        words = " ".join(rng.choice(self.words, size=target))  # at least one token per word: more than enough
+        ids = self.tokenizer(f"{index}: {words}", add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids[: target - self.template_length]).strip()
 
+    def padding(self, order: list[int], batch_size: int, new_tokens: int) -> tuple[float, float]:
+        """Share of the prompt slots (prefill) and of the key/value slots read while decoding that are padding."""
+        prompt_real = prompt_slots = kv_real = kv_slots = 0
+        for start in range(0, len(order), batch_size):
+            batch = [self.lengths[index] for index in order[start : start + batch_size]]
+            width = max(batch)
+            prompt_real += sum(batch)
+            prompt_slots += width * len(batch)
+            for t in range(new_tokens):
+                kv_real += sum(batch) + t * len(batch)
+                kv_slots += (width + t) * len(batch)
+        return 1 - prompt_real / prompt_slots, 1 - kv_real / kv_slots
 
-TEMPLATE_LENGTH = prompt_length("x") - 1  # the chat template's own tokens around the query
-
-
-rng = np.random.default_rng(args.seed)
-targets = np.exp(rng.normal(np.log(args.median_length), args.sigma, args.queries))
-targets = np.clip(np.round(targets), MIN_LENGTH, args.max_length).astype(int)
-queries = [make_query(index, int(target), rng) for index, target in enumerate(targets)]
-rng.shuffle(queries)  # file order: long and short mixed
-lengths = [prompt_length(query) for query in queries]
-assert len(set(queries)) == len(queries)
-
-# the sequential subset: every k-th query by prompt length, so it has the full set's length distribution
-by_length = sorted(range(args.queries), key=lambda index: lengths[index])
-step = args.queries / args.sequential_queries
-subset = sorted(by_length[int(i * step + step / 2)] for i in range(args.sequential_queries))
+    def write(self, path: str, indices: list[int]) -> tuple[str, int]:
+        """The queries at `indices` as a JSONL file of conversations; (path, number of queries)."""
+        write_jsonl(path, (conversation(self.queries[index], "ok") for index in indices))
+        return path, len(indices)
 
 
 def percentiles(values: list[int]) -> str:
+    """Mean, median, p90, p99 and max, on one line."""
     p = np.percentile(values, [50, 90, 99])
     return f"mean {np.mean(values):.0f}, median {p[0]:.0f}, p90 {p[1]:.0f}, p99 {p[2]:.0f}, max {max(values)}"
 
 
-def padding(order: list[int], batch_size: int) -> tuple[float, float]:
-    """Share of the prompt slots (prefill) and of the key/value slots read while decoding that are padding."""
-    prompt_real = prompt_slots = kv_real = kv_slots = 0
-    for start in range(0, len(order), batch_size):
-        batch = [lengths[index] for index in order[start : start + batch_size]]
-        width = max(batch)
-        prompt_real += sum(batch)
-        prompt_slots += width * len(batch)
-        for t in range(args.new_tokens):
-            kv_real += sum(batch) + t * len(batch)
-            kv_slots += (width + t) * len(batch)
-    return 1 - prompt_real / prompt_slots, 1 - kv_real / kv_slots
+def describe(args: argparse.Namespace, prompts: Prompts) -> None:
+    """Print the prompt lengths, the padding each batching leaves, and the model."""
+    sorted_order = sorted(range(args.queries), key=lambda index: -prompts.lengths[index])  # as build_cache sorts
+    pad_unsorted = prompts.padding(list(range(args.queries)), args.batch_size, args.new_tokens)
+    pad_sorted = prompts.padding(sorted_order, args.batch_size, args.new_tokens)
+    print(f"prompt lengths in tokens, all {args.queries} queries: {percentiles(prompts.lengths)}")
+    subset_lengths = [prompts.lengths[index] for index in prompts.subset]
+    print(f"  the {len(prompts.subset)} answered one at a time: {percentiles(subset_lengths)}")
+    print(
+        f"padding at batch {args.batch_size}: unsorted {100 * pad_unsorted[0]:.0f}% of prompt slots, "
+        f"{100 * pad_unsorted[1]:.0f}% of decode key/value slots; sorted {100 * pad_sorted[0]:.0f}% and "
+        f"{100 * pad_sorted[1]:.0f}%"
+    )
+    print(
+        f"model: tiny Llama hidden {args.hidden_size} x {args.layers} layers, float32; {args.new_tokens} new tokens "
+        f"per query, greedy; torch threads {torch.get_num_threads()}"
+    )
 
-
-sorted_order = sorted(range(args.queries), key=lambda index: -lengths[index])  # as build_cache sorts
-pad_unsorted = padding(list(range(args.queries)), args.batch_size)
-pad_sorted = padding(sorted_order, args.batch_size)
-print(f"prompt lengths in tokens, all {args.queries} queries: {percentiles(lengths)}")
-print(f"  the {len(subset)} answered one at a time: {percentiles([lengths[index] for index in subset])}")
-print(
-    f"padding at batch {args.batch_size}: unsorted {100 * pad_unsorted[0]:.0f}% of prompt slots, "
-    f"{100 * pad_unsorted[1]:.0f}% of decode key/value slots; sorted {100 * pad_sorted[0]:.0f}% and "
-    f"{100 * pad_sorted[1]:.0f}%"
-)
-print(
-    f"model: tiny Llama hidden {args.hidden_size} x {args.layers} layers, float32; {args.new_tokens} new tokens per "
-    f"query, greedy; torch threads {torch.get_num_threads()}"
-)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Timing
@@ -192,24 +190,18 @@ def timed_stream(self, prompts, sampling):
         yield reply
 
 
-transformers_backend.TransformersBackend.stream = timed_stream
-
-CONFIGS = {  # name: (query file, batch_size, sort_by_length)
-    "sequential": ("subset", 1, False),
-    "unsorted": ("all", args.batch_size, False),
-    "sorted": ("all", args.batch_size, True),
-}
-
-
-def write_queries(path: str, indices: list[int]) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        for index in indices:
-            messages = [{"role": "user", "content": queries[index]}, {"role": "assistant", "content": "ok"}]
-            out.write(json.dumps({"messages": messages}) + "\n")
+def configs(args: argparse.Namespace) -> dict[str, tuple[str, int, bool]]:
+    """name: (query file, batch_size, sort_by_length)."""
+    return {
+        "sequential": ("subset", 1, False),
+        "unsorted": ("all", args.batch_size, False),
+        "sorted": ("all", args.batch_size, True),
+    }
 
 
-def run(name: str, files: dict[str, tuple[str, int]], output: str) -> dict:
-    which, batch_size, sort = CONFIGS[name]
+def run(args: argparse.Namespace, model_dir: str, name: str, files: dict[str, tuple[str, int]], output: str) -> dict:
+    """One whole build_cache call of configuration `name`; checks the token counts; returns its figures and replies."""
+    which, batch_size, sort = configs(args)[name]
     path, count = files[which]
     generate_seconds[0] = 0.0
     gc.collect()
@@ -243,64 +235,93 @@ def run(name: str, files: dict[str, tuple[str, int]], output: str) -> dict:
     }
 
 
-results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
-names = list(CONFIGS)
-started = time.perf_counter()
-with tempfile.TemporaryDirectory(prefix="delia-build-cache-") as workdir:
-    model_dir = os.path.join(workdir, "model")
-    save_tiny_model(
-        model_dir, tokenizer=tokenizer, hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed
+def measure(args: argparse.Namespace, prompts: Prompts, started: float) -> dict[str, list[dict]]:
+    """Warm-up, then --rounds rounds of every configuration, the order rotating; each configuration's results."""
+    names = list(configs(args))
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="delia-build-cache-") as workdir:
+        model_dir = os.path.join(workdir, "model")
+        save_tiny_model(
+            model_dir,
+            tokenizer=prompts.tokenizer,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.layers,
+            seed=args.seed,
+        )
+        by_length = prompts.by_length
+        files = {
+            "all": prompts.write(os.path.join(workdir, "all.jsonl"), list(range(args.queries))),
+            "subset": prompts.write(os.path.join(workdir, "subset.jsonl"), prompts.subset),
+            "warmup": prompts.write(
+                os.path.join(workdir, "warmup.jsonl"),
+                [by_length[0], by_length[args.queries // 2], by_length[-2], by_length[-1]],
+            ),
+        }
+        warmup_files = {"all": files["warmup"], "subset": files["warmup"]}
+        for name in names:  # untimed warm-up
+            run(args, model_dir, name, warmup_files, os.path.join(workdir, f"warmup-{name}.jsonl"))
+        print(f"set-up and warm-up: {time.perf_counter() - started:.1f} s")
+
+        for round_index in range(args.rounds):
+            line = []
+            for name in rotated(names, round_index):
+                result = run(args, model_dir, name, files, os.path.join(workdir, f"{name}-{round_index}.jsonl"))
+                results[name].append(result)
+                line.append(f"{name} {result['tokens'] / result['seconds']:.0f} tok/s ({result['seconds']:.1f} s)")
+            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(line), flush=True)
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict]], started: float) -> None:
+    """The table of medians, the replies' agreement, per-round ratios, and the two ratio lines last."""
+    names = list(results)
+    rate = {name: statistics.median(r["tokens"] / r["seconds"] for r in results[name]) for name in names}
+    print()
+    print(f"{'configuration':<13} {'queries':>7} {'tok/s':>7} {'range':>13} {'seconds':>8} {'generating':>14}")
+    for name in names:
+        rates = [r["tokens"] / r["seconds"] for r in results[name]]
+        seconds = statistics.median(r["seconds"] for r in results[name])
+        in_generate = statistics.median(r["tokens"] / r["generate"] for r in results[name])
+        queries_done = results[name][0]["tokens"] // args.new_tokens
+        print(
+            f"{name:<13} {queries_done:>7} {rate[name]:>7.0f} {min(rates):>6.0f}-{max(rates):<6.0f} {seconds:>8.2f} "
+            f"{in_generate:>8.0f} tok/s"
+        )
+    print("tok/s: generated tokens / CacheResult seconds (whole call), median over rounds; range: min-max over rounds")
+
+    # same greedy replies whatever the batching? (float32; left padding changes the arithmetic a little, and a random
+    # model's near-flat logits can flip an argmax, so a few differences are expected)
+    first = {name: results[name][0]["replies"] for name in names}
+    same_sorted = sum(first["unsorted"][key] == reply for key, reply in first["sorted"].items())
+    same_sequential = sum(first["sorted"].get(key) == reply for key, reply in first["sequential"].items())
+    print(
+        f"identical replies: sorted vs unsorted {same_sorted}/{len(first['sorted'])}, "
+        f"sequential vs sorted {same_sequential}/{len(first['sequential'])} (rows kept; empty replies are dropped)"
     )
-    files = {"all": (os.path.join(workdir, "all.jsonl"), args.queries)}
-    files["subset"] = (os.path.join(workdir, "subset.jsonl"), len(subset))
-    files["warmup"] = (os.path.join(workdir, "warmup.jsonl"), 4)
-    write_queries(files["all"][0], list(range(args.queries)))
-    write_queries(files["subset"][0], subset)
-    write_queries(files["warmup"][0], [by_length[0], by_length[args.queries // 2], by_length[-2], by_length[-1]])
-
-    for name in names:  # untimed warm-up
-        run(name, {"all": files["warmup"], "subset": files["warmup"]}, os.path.join(workdir, f"warmup-{name}.jsonl"))
-    print(f"set-up and warm-up: {time.perf_counter() - started:.1f} s")
-
     for round_index in range(args.rounds):
-        order = names[round_index % 3 :] + names[: round_index % 3]
-        line = []
-        for name in order:
-            result = run(name, files, os.path.join(workdir, f"{name}-{round_index}.jsonl"))
-            results[name].append(result)
-            line.append(f"{name} {result['tokens'] / result['seconds']:.0f} tok/s ({result['seconds']:.1f} s)")
-        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(line), flush=True)
+        per_round = {
+            name: results[name][round_index]["tokens"] / results[name][round_index]["seconds"] for name in names
+        }
+        print(
+            f"round {round_index + 1}: sorted/sequential {per_round['sorted'] / per_round['sequential']:.2f}, "
+            f"sorted/unsorted {per_round['sorted'] / per_round['unsorted']:.2f}"
+        )
+    print(f"total {time.perf_counter() - started:.0f} s")
+    print(f"speedup_vs_sequential={rate['sorted'] / rate['sequential']:.2f}")
+    print(f"sorted_vs_unsorted={rate['sorted'] / rate['unsorted']:.2f}")
 
-rate = {name: statistics.median(r["tokens"] / r["seconds"] for r in results[name]) for name in names}
-print()
-print(f"{'configuration':<13} {'queries':>7} {'tok/s':>7} {'range':>13} {'seconds':>8} {'generating':>14}")
-for name in names:
-    rates = [r["tokens"] / r["seconds"] for r in results[name]]
-    seconds = statistics.median(r["seconds"] for r in results[name])
-    in_generate = statistics.median(r["tokens"] / r["generate"] for r in results[name])
-    queries_done = results[name][0]["tokens"] // args.new_tokens
-    print(
-        f"{name:<13} {queries_done:>7} {rate[name]:>7.0f} {min(rates):>6.0f}-{max(rates):<6.0f} {seconds:>8.2f} "
-        f"{in_generate:>8.0f} tok/s"
-    )
-print("tok/s: generated tokens / CacheResult seconds (whole call), median over rounds; range: min-max over rounds")
 
-# same greedy replies whatever the batching? (float32; left padding changes the arithmetic a little, and a random
-# model's near-flat logits can flip an argmax, so a few differences are expected)
-first = {name: results[name][0]["replies"] for name in names}
-same_sorted = sum(first["unsorted"][key] == reply for key, reply in first["sorted"].items())
-same_sequential = sum(first["sorted"].get(key) == reply for key, reply in first["sequential"].items())
-print(
-    f"identical replies: sorted vs unsorted {same_sorted}/{len(first['sorted'])}, "
-    f"sequential vs sorted {same_sequential}/{len(first['sequential'])} (rows kept; empty replies are dropped)"
-)
-for round_index in range(args.rounds):
-    r = {name: results[name][round_index] for name in names}
-    per_round = {name: r[name]["tokens"] / r[name]["seconds"] for name in names}
-    print(
-        f"round {round_index + 1}: sorted/sequential {per_round['sorted'] / per_round['sequential']:.2f}, "
-        f"sorted/unsorted {per_round['sorted'] / per_round['unsorted']:.2f}"
-    )
-print(f"total {time.perf_counter() - started:.0f} s")
-print(f"speedup_vs_sequential={rate['sorted'] / rate['sequential']:.2f}")
-print(f"sorted_vs_unsorted={rate['sorted'] / rate['unsorted']:.2f}")
+def main(argv: list[str] | None = None) -> None:
+    """Sequential, unsorted and sorted build_cache calls in turn; prints the table and the two ratios last."""
+    args = parse_arguments(argv)
+    quiet(args.threads)
+    announce_delia()
+    prompts = Prompts(args)
+    describe(args, prompts)
+    transformers_backend.TransformersBackend.stream = timed_stream
+    started = time.perf_counter()
+    report(args, measure(args, prompts, started), started)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,52 +26,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+import torch
+import transformers
+from harness import BUNDLED_QUERY_CACHE, announce_delia, quiet, rotated
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+from delia.build_cache import build_cache
+from delia.cpu import free_threads
+from delia.modeling import load_tokenizer_and_model
+from delia.models import resolve_model
 
-from delia.build_cache import build_cache  # noqa: E402
-from delia.cpu import free_threads  # noqa: E402
-from delia.modeling import load_tokenizer_and_model  # noqa: E402
-from delia.models import resolve_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("float32", "bf16", "static", "compile")
-parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-parser.add_argument("--model", default="smollm2-135m-instruct", help="short name, folder or hub name")
-parser.add_argument("--queries", type=int, default=32)
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--new-tokens", type=int, default=32, help="min_new_tokens = max_new_tokens")
-parser.add_argument("--rounds", type=int, default=3)
-parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
-parser.add_argument("--threads", type=int, default=0, help="torch threads (0: delia's choice for training)")
-args = parser.parse_args()
-configs = args.configs.split(",")
-assert set(configs) <= set(CONFIGS) and "float32" in configs, f"--configs must name float32 and some of {CONFIGS}"
-
-transformers.logging.set_verbosity_error()
-logging.getLogger("delia").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore")
-torch.set_num_threads(args.threads or free_threads())
-model_path = resolve_model(args.model)
-queries = str(ROOT / "reproduce_self_sample" / "query_cache.jsonl")
-print(
-    f"model {args.model} ({model_path}); {args.queries} queries, batch {args.batch_size}, {args.new_tokens} new tokens "
-    f"each; {args.rounds} rounds; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
-)
+# greedy; a fresh output each call; every row kept (a degenerate reply still cost its tokens); no progress bar
+EVERY_CALL = dict(temperature=0.0, resume=False, overwrite=True, keep_degenerate=True, progress=False)
 
 
-def load(config: str):
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's settings."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="short name, folder or hub name")
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32, help="min_new_tokens = max_new_tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: delia's choice for training)")
+    args = parser.parse_args(argv)
+    args.configs = args.configs.split(",")
+    assert set(args.configs) <= set(CONFIGS) and "float32" in args.configs, (
+        f"--configs must name float32 and some of {CONFIGS}"
+    )
+    return args
+
+
+def load(model_path: str, config: str):
     """(tokenizer, model) set up for one configuration."""
     tokenizer, model = load_tokenizer_and_model(
         model_path, dtype="bfloat16" if config in ("bf16", "compile") else "float32", device="cpu"
@@ -84,49 +77,61 @@ def load(config: str):
     return tokenizer, model.eval()
 
 
-def sample(tokenizer, model, output: str, limit: int) -> tuple[int, float]:
-    """One build_cache call; returns (generated tokens, seconds)."""
-    build_cache(
-        model,
-        queries,
-        output,
-        tokenizer=tokenizer,
-        batch_size=args.batch_size,
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        temperature=0.0,
-        limit=limit,
-        resume=False,
-        overwrite=True,
-        keep_degenerate=True,
-        progress=False,
-    )
+def sample(args: argparse.Namespace, tokenizer, model, output: str, limit: int) -> tuple[int, float]:
+    """One build_cache call on the first `limit` bundled queries; returns (generated tokens, seconds)."""
+    # min = max new tokens: every query costs the same in every configuration
+    sizes = dict(batch_size=args.batch_size, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    build_cache(model, str(BUNDLED_QUERY_CACHE), output, tokenizer=tokenizer, limit=limit, **sizes, **EVERY_CALL)
     counts = json.loads(Path(f"{output}.meta.json").read_text())["counts"]
     return counts["tokens"], counts["seconds"]
 
 
-rates: dict[str, list[float]] = {config: [] for config in configs}
-with tempfile.TemporaryDirectory() as workdir:
-    loaded = {}
-    for config in configs:
-        started = time.perf_counter()
-        loaded[config] = load(config)
-        sample(*loaded[config], os.path.join(workdir, f"warmup-{config}.jsonl"), limit=args.batch_size)
-        print(f"{config}: loaded and warmed up in {time.perf_counter() - started:.1f} s")
-    for round_index in range(args.rounds):
-        order = configs[round_index % len(configs) :] + configs[: round_index % len(configs)]
-        for config in order:
-            tokens, seconds = sample(*loaded[config], os.path.join(workdir, f"{config}.jsonl"), limit=args.queries)
-            if tokens != args.queries * args.new_tokens:
-                raise SystemExit(f"FAIL: {config} generated {tokens} tokens, expected {args.queries * args.new_tokens}")
-            rates[config].append(tokens / seconds)
-        print(f"round {round_index + 1}: " + ", ".join(f"{c} {rates[c][-1]:.1f}" for c in configs) + " tokens/s")
+def measure(args: argparse.Namespace, model_path: str) -> dict[str, list[float]]:
+    """Every configuration loaded and warmed up, then --rounds rounds in rotating order; tokens/s of each call."""
+    configs = args.configs
+    rates: dict[str, list[float]] = {config: [] for config in configs}
+    with tempfile.TemporaryDirectory() as workdir:
+        loaded = {}
+        for config in configs:
+            started = time.perf_counter()
+            loaded[config] = load(model_path, config)
+            sample(args, *loaded[config], os.path.join(workdir, f"warmup-{config}.jsonl"), limit=args.batch_size)
+            print(f"{config}: loaded and warmed up in {time.perf_counter() - started:.1f} s")
+        for round_index in range(args.rounds):
+            for config in rotated(configs, round_index):
+                output = os.path.join(workdir, f"{config}.jsonl")
+                tokens, seconds = sample(args, *loaded[config], output, limit=args.queries)
+                if tokens != args.queries * args.new_tokens:
+                    raise SystemExit(
+                        f"FAIL: {config} generated {tokens} tokens, expected {args.queries * args.new_tokens}"
+                    )
+                rates[config].append(tokens / seconds)
+            print(f"round {round_index + 1}: " + ", ".join(f"{c} {rates[c][-1]:.1f}" for c in configs) + " tokens/s")
+    return rates
 
-baseline = statistics.median(rates["float32"])
-ratios = {}
-for config in configs:
-    median = statistics.median(rates[config])
-    ratios[config] = median / baseline
-    print(f"{config:<8} {median:8.1f} tokens/s  x{ratios[config]:.2f} of float32")
-best = max((c for c in configs if c != "float32"), key=ratios.get, default="float32")
-print(f"best={best} ratio={ratios[best]:.2f}")
+
+def main(argv: list[str] | None = None) -> None:
+    """The configurations in turn; prints each one's median tokens/s and ratio to float32, `best=` last."""
+    args = parse_arguments(argv)
+    quiet()
+    torch.set_num_threads(args.threads or free_threads())
+    announce_delia()
+    model_path = resolve_model(args.model)
+    print(
+        f"model {args.model} ({model_path}); {args.queries} queries, batch {args.batch_size}, {args.new_tokens} new "
+        f"tokens each; {args.rounds} rounds; torch threads {torch.get_num_threads()}; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    rates = measure(args, model_path)
+    baseline = statistics.median(rates["float32"])
+    ratios = {}
+    for config in args.configs:
+        median = statistics.median(rates[config])
+        ratios[config] = median / baseline
+        print(f"{config:<8} {median:8.1f} tokens/s  x{ratios[config]:.2f} of float32")
+    best = max((c for c in args.configs if c != "float32"), key=ratios.get, default="float32")
+    print(f"best={best} ratio={ratios[best]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

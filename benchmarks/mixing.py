@@ -41,8 +41,8 @@ figure to watch is the process's own memory growth (RssAnon), which must stay fa
 on delia's path may hold the rows in Python memory. The files are written under a temporary folder and deleted
 afterwards (a --workdir is kept). Any option given with --large wins over the preset.
 
-Every child imports the delia of this checkout (the repository root goes first on its PYTHONPATH), not an installed
-one; the first result prints which.
+Every child imports the delia of this checkout (benchmarks/harness.py puts the repository root first on its sys.path),
+not an installed one; the first result prints which.
 
     python benchmarks/mixing.py                     # 1,000,000 rows, both states, 5 repeats each
     python benchmarks/mixing.py --rows 200000 --state warm --repeats 5
@@ -65,31 +65,36 @@ import threading
 import time
 
 import numpy as np
+from harness import MEAN_ROW_BYTES, write_synthetic_rows
 
-# ----------------------------------------------------------------------------------------------------------------------
-parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the synthetic diverse cache")
-parser.add_argument("--downstream-rows", type=int, default=100)
-parser.add_argument("--ratio", type=float, default=100.0, help="diverse rows per downstream row")
-parser.add_argument("--repeats", type=int, default=5, help="measurements of each kind, per state")
-parser.add_argument("--state", default="cold,warm", help="comma-separated: cold, warm (see the docstring)")
-parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the step-by-step timing")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--workdir", default=None, help="where to write the files (default: a temporary folder)")
-parser.add_argument("--large", action="store_true", help="the 10,000,000-row scale check (see the docstring)")
-parser.add_argument("--child", choices=["load", "mix", "breakdown"], help=argparse.SUPPRESS)
-parser.add_argument("--cache", help=argparse.SUPPRESS)
-parser.add_argument("--downstream", help=argparse.SUPPRESS)
-parser.add_argument("--warmup", help=argparse.SUPPRESS)
-if "--large" in sys.argv[1:]:  # the preset fills the defaults, so an option given beside it still wins
-    parser.set_defaults(rows=10_000_000, downstream_rows=1000, repeats=3, state="warm")
-args = parser.parse_args()
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's settings (and the hidden --child options a measurement process gets)."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the synthetic diverse cache")
+    parser.add_argument("--downstream-rows", type=int, default=100)
+    parser.add_argument("--ratio", type=float, default=100.0, help="diverse rows per downstream row")
+    parser.add_argument("--repeats", type=int, default=5, help="measurements of each kind, per state")
+    parser.add_argument("--state", default="cold,warm", help="comma-separated: cold, warm (see the docstring)")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the step-by-step timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="where to write the files (default: a temporary folder)")
+    parser.add_argument("--large", action="store_true", help="the 10,000,000-row scale check (see the docstring)")
+    parser.add_argument("--child", choices=["load", "mix", "breakdown"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--downstream", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", help=argparse.SUPPRESS)
+    if "--large" in (sys.argv[1:] if argv is None else argv):  # the preset fills the defaults: an option beside it wins
+        parser.set_defaults(rows=10_000_000, downstream_rows=1000, repeats=3, state="warm")
+    return parser.parse_args(argv)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Child: one measurement in a fresh process; prints one JSON line
 
 
 def rss_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in kB (0 where the field is missing)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -119,7 +124,8 @@ class AnonPeak:
         self.peak_kb = max(self.peak_kb, rss_kb("RssAnon"))
 
 
-def child() -> None:
+def child(args: argparse.Namespace) -> None:
+    """One measurement (load, load+mix, or the breakdown) after the imports and a warm-up load; prints RESULT {json}."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import delia
 
@@ -130,7 +136,7 @@ def child() -> None:
         "delia": os.path.dirname(delia.__file__),
     }
     if args.child == "breakdown":
-        report["steps"] = breakdown(args.downstream, args.cache)
+        report["steps"] = breakdown(args)
         print("RESULT " + json.dumps(report), flush=True)
         return
     with AnonPeak() as anon:
@@ -146,7 +152,7 @@ def child() -> None:
     print("RESULT " + json.dumps(report), flush=True)
 
 
-def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
+def breakdown(args: argparse.Namespace) -> dict[str, float]:
     """The steps of delia.data.prepare_datasets, timed one by one (same calls, same order)."""
     from datasets import Features, Value, concatenate_datasets
 
@@ -159,12 +165,12 @@ def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
         now = time.perf_counter()
         steps[name], last = now - last, now
 
-    down, down_origin = read_dataset(downstream_path, "train dataset")
+    down, down_origin = read_dataset(args.downstream, "train dataset")
     forms.detect_form(down, "text", down_origin)
     forms.check_ends_with_assistant(down, down_origin)
     down = forms.split_final_reply(down)
     lap("downstream: read + check + split")
-    cache, origin = read_dataset(cache_path, "diverse dataset")
+    cache, origin = read_dataset(args.cache, "diverse dataset")
     lap("cache: read (JSON -> Arrow, or memory-map)")
     forms.detect_form(cache)
     validate_conversations(cache, origin)
@@ -185,106 +191,18 @@ def breakdown(downstream_path: str, cache_path: str) -> dict[str, float]:
     return steps
 
 
-if args.child:
-    child()
-    sys.exit(0)
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Parent: write the data, run the children, report
 
-WORDS = (
-    "the a of to and in is that for it as with on was by this be are from at or an have not sea river light "
-    "answer question explain summarise translate write list reason because therefore however example code "
-    "function value return data model train result number first second third cafe naive garcon 東京 données "
-    "über straße ελληνικά"
-).split()
 
-
-def text_pool(rng: np.random.Generator, chars: int) -> str:
-    words = rng.choice(np.array(WORDS, dtype=object), size=chars // 4)
-    pool = " ".join(words)[:chars]
-    assert not set(pool) & set('"\\'), "the pool is pasted into JSON strings unescaped"
-    return pool
-
-
-ROW_START = '{"messages": ['
-SYSTEM_MESSAGE = '{"role": "system", "content": "You are a helpful assistant."}, '
-USER_START = '{"role": "user", "content": "'
-REPLY_START = '"}, {"role": "assistant", "content": "'
-ROW_END = '"}]}\n'
-MEAN_ROW_BYTES = 670  # measured on these rows: a guess at the file size before it is written
-
-
-def write_rows(
-    path: str, rows: int, rng: np.random.Generator, system_share: float = 0.05, chunk_rows: int = 500_000
-) -> None:
-    """Conversational rows with log-uniform lengths: user 10-500 characters, assistant 20-2000.
-
-    The contents are slices of one random text pool (words with no quote or backslash, so no JSON escaping is
-    needed) pasted into a fixed line template, half a million rows per write: 10,000,000 rows take minutes, not hours.
-    """
-    pool = text_pool(rng, 4_000_000)
-    with open(path, "w", encoding="utf-8") as out:
-        for start in range(0, rows, chunk_rows):
-            count = min(chunk_rows, rows - start)
-            user_len = np.exp(rng.uniform(np.log(10), np.log(500), count)).astype(int)
-            reply_len = np.exp(rng.uniform(np.log(20), np.log(2000), count)).astype(int)
-            user_at = rng.integers(0, len(pool) - 500, count)
-            reply_at = rng.integers(0, len(pool) - 2000, count)
-            with_system = rng.random(count) < system_share
-            out.write(
-                "".join(
-                    ROW_START
-                    + (SYSTEM_MESSAGE if system else "")
-                    + USER_START
-                    + (pool[u : u + u_len].strip() or "x")
-                    + REPLY_START
-                    + (pool[r : r + r_len].strip() or "x")
-                    + ROW_END
-                    for system, u, u_len, r, r_len in zip(
-                        with_system.tolist(),
-                        user_at.tolist(),
-                        user_len.tolist(),
-                        reply_at.tolist(),
-                        reply_len.tolist(),
-                        strict=True,
-                    )
-                )
-            )
-
-
-def check_free_disk(folder: str, needed: int) -> None:
+def check_free_disk(folder: str, needed: int, rows: int) -> None:
     """Refuse to start when the JSONL and its Arrow copy would not fit, rather than fill the disk."""
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise SystemExit(
-            f"FAIL: {folder} has {free / 2**30:.1f} GiB free; --rows {args.rows:,} needs about {needed / 2**30:.1f} "
+            f"FAIL: {folder} has {free / 2**30:.1f} GiB free; --rows {rows:,} needs about {needed / 2**30:.1f} "
             "GiB (the JSONL, its Arrow copy and a margin); pass --workdir on a larger disk or fewer --rows"
         )
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_child(kind: str, hf_cache: str) -> dict:
-    # the checkout's delia, not whichever one is installed: the child's sys.path starts at benchmarks/
-    python_path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, HF_DATASETS_CACHE=hf_cache, HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONPATH=python_path)
-    command = [sys.executable, os.path.abspath(__file__), "--child", kind, "--cache", cache_path]
-    command += ["--downstream", downstream_path, "--warmup", warmup_path, "--ratio", str(args.ratio)]
-    command += ["--seed", str(args.seed)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"FAIL: {kind} child exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
-    if result["delia"] not in delia_seen:
-        delia_seen.add(result["delia"])
-        print(f"measuring delia from {result['delia']}")
-    return result
-
-
-delia_seen: set[str] = set()
 
 
 def remove_map_outputs(hf_cache: str) -> None:
@@ -293,94 +211,153 @@ def remove_map_outputs(hf_cache: str) -> None:
         os.remove(path)
 
 
-states = [state.strip() for state in args.state.split(",") if state.strip()]
-assert states and set(states) <= {"cold", "warm"}, "--state takes cold, warm or cold,warm"
-assert args.repeats >= 1, "--repeats must be at least 1"
-workdir = args.workdir or tempfile.mkdtemp(prefix="delia-mixing-")
-os.makedirs(workdir, exist_ok=True)
-cache_path = os.path.join(workdir, "diverse.jsonl")
-downstream_path = os.path.join(workdir, "downstream.jsonl")
-warmup_path = os.path.join(workdir, "warmup.jsonl")
-try:
-    check_free_disk(workdir, int(2.5 * MEAN_ROW_BYTES * args.rows) + 2**30)
+class Children:
+    """Starts the measurement processes on the files in `workdir`, and says which delia they measured."""
+
+    def __init__(self, args: argparse.Namespace, workdir: str):
+        self.args, self.workdir = args, workdir
+        self.cache_path = os.path.join(workdir, "diverse.jsonl")
+        self.downstream_path = os.path.join(workdir, "downstream.jsonl")
+        self.warmup_path = os.path.join(workdir, "warmup.jsonl")
+        self.delia_seen: set[str] = set()
+
+    def run(self, kind: str, hf_cache: str) -> dict:
+        """One child of `kind` with `hf_cache` as its HF_DATASETS_CACHE; its RESULT line, parsed."""
+        args = self.args
+        env = dict(os.environ, HF_DATASETS_CACHE=hf_cache, HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+        command = [sys.executable, os.path.abspath(__file__), "--child", kind, "--cache", self.cache_path]
+        command += ["--downstream", self.downstream_path, "--warmup", self.warmup_path, "--ratio", str(args.ratio)]
+        command += ["--seed", str(args.seed)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(
+                f"FAIL: {kind} child exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        result = json.loads(lines[-1][len("RESULT ") :])
+        if result["delia"] not in self.delia_seen:
+            self.delia_seen.add(result["delia"])
+            print(f"measuring delia from {result['delia']}")
+        return result
+
+    def fresh_cache(self) -> str:
+        """An empty HF_DATASETS_CACHE folder: the child pays the JSON -> Arrow conversion."""
+        return tempfile.mkdtemp(prefix="hf-cold-", dir=self.workdir)
+
+    def convert_once(self) -> str:
+        """A HF_DATASETS_CACHE holding both files' Arrow conversion (made by a cold load+mix, printed, not counted)."""
+        warm_cache = tempfile.mkdtemp(prefix="hf-warm-", dir=self.workdir)
+        converted = self.run("mix", warm_cache)  # converts both JSONL files: a cold load+mix
+        remove_map_outputs(warm_cache)
+        convert_growth = converted["peak_anon_mb"] - converted["anon_after_imports_mb"]
+        print(
+            f"[warm] converted both files to Arrow once beforehand (a cold load+mix, not counted): "
+            f"{converted['seconds']:.1f} s, {converted['rows']:,} rows, peak RSS {converted['peak_rss_mb']:.0f} MB, "
+            f"peak own memory {converted['peak_anon_mb']:.0f} MB (+{convert_growth:.0f} during the call)"
+        )
+        return warm_cache
+
+
+def measure_state(children: Children, state: str) -> tuple[float, float, float, float]:
+    """--repeats of load and load+mix, alternating, in one state; (ratio, peak RSS, own growth, load+mix seconds)."""
+    args = children.args
+    times = {"load": [], "mix": []}
+    mix_rss, after_imports, anon_growth = [], [], []
+    warm_cache = None
+    if state == "cold":  # in our runs the first child of a series ran slower: keep it out of the figures
+        hf_cache = children.fresh_cache()
+        warmup = children.run("load", hf_cache)
+        shutil.rmtree(hf_cache)
+        print(f"[cold] warm-up run of load (not counted): {warmup['seconds']:.2f} s")
+    if state == "warm":
+        warm_cache = children.convert_once()
+    for repeat in range(args.repeats):
+        for kind in ("load", "mix") if repeat % 2 == 0 else ("mix", "load"):
+            hf_cache = warm_cache or children.fresh_cache()
+            result = children.run(kind, hf_cache)
+            if warm_cache:
+                remove_map_outputs(warm_cache)
+            else:
+                shutil.rmtree(hf_cache)
+            os.sync()
+            times[kind].append(result["seconds"])
+            after_imports.append(result["rss_after_imports_mb"])
+            growth = result["peak_anon_mb"] - result["anon_after_imports_mb"]
+            if kind == "mix":
+                mix_rss.append(result["peak_rss_mb"])
+                anon_growth.append(growth)
+            print(
+                f"[{state}] {'load+mix' if kind == 'mix' else 'load':>8}: {result['seconds']:7.2f} s, "
+                f"{result['rows']:>9,} rows, peak RSS {result['peak_rss_mb']:6.0f} MB "
+                f"({result['rss_after_imports_mb']:.0f} before the call), peak own memory "
+                f"{result['peak_anon_mb']:6.0f} MB (+{growth:.0f} during the call)"
+            )
+    if args.breakdown:
+        print_breakdown(children, state, warm_cache)
+    elif warm_cache:
+        shutil.rmtree(warm_cache)
+    load, mix = statistics.median(times["load"]), statistics.median(times["mix"])
+    print(
+        f"[{state}] median load {load:.2f} s, median load+mix {mix:.2f} s, ratio {mix / load:.3f}; load+mix peak "
+        f"RSS {max(mix_rss):.0f} MB ({statistics.median(after_imports):.0f} MB of it is the imports: torch, "
+        f"transformers, trl), own memory grew by at most {max(anon_growth):.0f} MB during the call"
+    )
+    return mix / load, max(mix_rss), max(anon_growth), mix
+
+
+def print_breakdown(children: Children, state: str, warm_cache: str | None) -> None:
+    """One more child times the steps inside mix_datasets one by one; prints them (the cache folder is removed)."""
+    hf_cache = warm_cache or children.fresh_cache()
+    steps = children.run("breakdown", hf_cache)["steps"]
+    total = sum(steps.values())
+    print(f"[{state}] breakdown of one mix_datasets call, step by step ({total:.2f} s in all):")
+    for name, seconds in steps.items():
+        print(f"[{state}]     {name:<42} {seconds:6.2f} s {100 * seconds / total:5.1f} %")
+    shutil.rmtree(hf_cache)
+
+
+def write_files(args: argparse.Namespace, children: Children) -> float:
+    """The cache, the downstream rows and the 4-row warm-up file; the cache's size in MiB."""
+    check_free_disk(children.workdir, int(2.5 * MEAN_ROW_BYTES * args.rows) + 2**30, args.rows)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
-    write_rows(cache_path, args.rows, rng)
-    write_rows(downstream_path, args.downstream_rows, rng, system_share=0.0)
-    write_rows(warmup_path, 4, rng, system_share=0.0)
+    write_synthetic_rows(children.cache_path, args.rows, rng)
+    write_synthetic_rows(children.downstream_path, args.downstream_rows, rng, system_share=0.0)
+    write_synthetic_rows(children.warmup_path, 4, rng, system_share=0.0)
     os.sync()  # write the new files back now, not while a measurement runs
-    cache_mb = os.path.getsize(cache_path) / 2**20
+    cache_mb = os.path.getsize(children.cache_path) / 2**20
     print(f"cache: {args.rows:,} rows, {cache_mb:.1f} MiB JSONL, written in {time.perf_counter() - start:.1f} s")
     drawn = round(args.ratio * args.downstream_rows)
     print(f"downstream: {args.downstream_rows} rows; ratio {args.ratio:g} -> {drawn:,} diverse rows drawn")
+    return cache_mb
 
-    summary = {}
-    for state in states:
-        times = {"load": [], "mix": []}
-        mix_rss, after_imports, anon_growth = [], [], []
-        warm_cache = None
-        if state == "cold":  # in our runs the first child of a series ran slower: keep it out of the figures
-            hf_cache = tempfile.mkdtemp(prefix="hf-cold-", dir=workdir)
-            warmup = run_child("load", hf_cache)
-            shutil.rmtree(hf_cache)
-            print(f"[cold] warm-up run of load (not counted): {warmup['seconds']:.2f} s")
-        if state == "warm":
-            warm_cache = tempfile.mkdtemp(prefix="hf-warm-", dir=workdir)
-            converted = run_child("mix", warm_cache)  # converts both JSONL files: a cold load+mix
-            remove_map_outputs(warm_cache)
-            convert_growth = converted["peak_anon_mb"] - converted["anon_after_imports_mb"]
-            print(
-                f"[warm] converted both files to Arrow once beforehand (a cold load+mix, not counted): "
-                f"{converted['seconds']:.1f} s, {converted['rows']:,} rows, peak RSS {converted['peak_rss_mb']:.0f} MB, "
-                f"peak own memory {converted['peak_anon_mb']:.0f} MB (+{convert_growth:.0f} during the call)"
-            )
-        for repeat in range(args.repeats):
-            for kind in ("load", "mix") if repeat % 2 == 0 else ("mix", "load"):
-                hf_cache = warm_cache or tempfile.mkdtemp(prefix="hf-cold-", dir=workdir)
-                result = run_child(kind, hf_cache)
-                if warm_cache:
-                    remove_map_outputs(warm_cache)
-                else:
-                    shutil.rmtree(hf_cache)
-                os.sync()
-                times[kind].append(result["seconds"])
-                after_imports.append(result["rss_after_imports_mb"])
-                growth = result["peak_anon_mb"] - result["anon_after_imports_mb"]
-                if kind == "mix":
-                    mix_rss.append(result["peak_rss_mb"])
-                    anon_growth.append(growth)
-                print(
-                    f"[{state}] {'load+mix' if kind == 'mix' else 'load':>8}: {result['seconds']:7.2f} s, "
-                    f"{result['rows']:>9,} rows, peak RSS {result['peak_rss_mb']:6.0f} MB "
-                    f"({result['rss_after_imports_mb']:.0f} before the call), peak own memory "
-                    f"{result['peak_anon_mb']:6.0f} MB (+{growth:.0f} during the call)"
-                )
-        if args.breakdown:
-            hf_cache = warm_cache or tempfile.mkdtemp(prefix="hf-cold-", dir=workdir)
-            steps = run_child("breakdown", hf_cache)["steps"]
-            total = sum(steps.values())
-            print(f"[{state}] breakdown of one mix_datasets call, step by step ({total:.2f} s in all):")
-            for name, seconds in steps.items():
-                print(f"[{state}]     {name:<42} {seconds:6.2f} s {100 * seconds / total:5.1f} %")
-            shutil.rmtree(hf_cache)
-        elif warm_cache:
-            shutil.rmtree(warm_cache)
-        load, mix = statistics.median(times["load"]), statistics.median(times["mix"])
-        summary[state] = (mix / load, max(mix_rss), max(anon_growth), mix)
-        print(
-            f"[{state}] median load {load:.2f} s, median load+mix {mix:.2f} s, ratio {mix / load:.3f}; load+mix peak "
-            f"RSS {max(mix_rss):.0f} MB ({statistics.median(after_imports):.0f} MB of it is the imports: torch, "
-            f"transformers, trl), own memory grew by at most {max(anon_growth):.0f} MB during the call"
-        )
 
-finally:
-    if args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
+def main(argv: list[str] | None = None) -> None:
+    """The parent: writes the files, measures each state in child processes, prints `ratio=` last."""
+    args = parse_arguments(argv)
+    if args.child:
+        child(args)
+        return
+    states = [state.strip() for state in args.state.split(",") if state.strip()]
+    assert states and set(states) <= {"cold", "warm"}, "--state takes cold, warm or cold,warm"
+    assert args.repeats >= 1, "--repeats must be at least 1"
+    workdir = args.workdir or tempfile.mkdtemp(prefix="delia-mixing-")
+    os.makedirs(workdir, exist_ok=True)
+    children = Children(args, workdir)
+    try:
+        cache_mb = write_files(args, children)
+        summary = {state: measure_state(children, state) for state in states}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for state in states[1:]:
+        print(f"[{state}] ratio={summary[state][0]:.3f}")
+    ratio, peak_rss, own_growth, mix_seconds = summary[states[0]]
+    print(
+        f"ratio={ratio:.3f} load_mix_s={mix_seconds:.2f} peak_rss_mb={peak_rss:.0f} own_mem_growth_mb={own_growth:.0f} "
+        f"cache_mb={cache_mb:.0f} rows={args.rows}"
+    )
 
-for state in states[1:]:
-    print(f"[{state}] ratio={summary[state][0]:.3f}")
-ratio, peak_rss, own_growth, mix_seconds = summary[states[0]]
-print(
-    f"ratio={ratio:.3f} load_mix_s={mix_seconds:.2f} peak_rss_mb={peak_rss:.0f} own_mem_growth_mb={own_growth:.0f} "
-    f"cache_mb={cache_mb:.0f} rows={args.rows}"
-)
+
+if __name__ == "__main__":
+    main()
