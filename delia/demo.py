@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PrinterCallback
@@ -158,29 +158,35 @@ def print_summary(summary: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="delia demo", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--real",
-        action="store_true",
-        help="the method on SmolLM2-135M-Instruct: self-sample, plain SFT vs DELIA, evaluate, verdict (~10 min on "
-        "2 cores; delia.real_demo)",
-    )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="a model folder, hub name or short name (smollm2-135m-instruct) instead of the tiny local one",
-    )
-    parser.add_argument(
-        "--output", default=None, help="run folder (created; an existing delia run is reused); runs/demo[-real]"
-    )
-    parser.add_argument("--ratio", type=float, default=None, help="diverse rows per downstream row (4; --real: 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (80; --real: 24 per run)")
-    from .real_demo import add_arguments as add_real_arguments
+@dataclass
+class DemoArguments:
+    """`delia demo`'s options; unset ones take the chosen mode's defaults (the tiny model, or `--real`)."""
 
-    add_real_arguments(parser)
-    options = parser.parse_args(argv)
+    real: bool = field(
+        default=False,
+        metadata={
+            "help": "the method on SmolLM2-135M-Instruct: self-sample, plain SFT vs DELIA, evaluate, verdict "
+            "(delia.real_demo)"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "a model folder, hub name or short name (smollm2-135m-instruct) instead of the tiny one"},
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "run folder (created; an existing delia run is reused); runs/demo[-real]"}
+    )
+    ratio: float | None = field(default=None, metadata={"help": "diverse rows per downstream row (4; --real: 2)"})
+    seed: int = field(default=0)
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (80; --real: 24 per run)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "--real: LoRA learning rate"})
+    samples_per_query: int = field(default=2, metadata={"help": "--real: replies self-sampled per general query"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .command_line import command_parser
+
+    options = command_parser(DemoArguments, "delia demo", __doc__.splitlines()[0]).parse_args_into_dataclasses(argv)[0]
     if options.real:
         from .real_demo import main as real_main
 

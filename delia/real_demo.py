@@ -16,7 +16,6 @@ hold over seeds; `reproduce_checkpoint/small/` runs the seeds and ratios for tha
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -213,15 +212,7 @@ def print_real_summary(summary: dict[str, Any]) -> None:
     print(f"run folder: {summary['output']} (comparison.md, loss.png, summary.json, base/, ratio-*/seed-*/)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options `delia demo --real` adds to `delia demo`'s."""
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="--real: LoRA learning rate")
-    parser.add_argument(
-        "--samples_per_query", type=int, default=2, help="--real: replies self-sampled per general query"
-    )
-
-
-def main(options: argparse.Namespace) -> int:
+def main(options: Any) -> int:
     """`delia demo --real` with `delia demo`'s parsed options (unset ones take this mode's defaults)."""
     try:
         summary = run_real_demo(

@@ -11,13 +11,13 @@ A run folder is read from `log_history.json` (written by `delia demo`), else `tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -224,19 +224,28 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLi
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="delia plot", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders (delia train / delia demo output_dir)")
-    parser.add_argument(
-        "--output", default=None, help="folder for the PNGs (default: the run folder; plots/ for several)"
+@dataclass
+class PlotArguments:
+    """`delia plot`'s options (the run folders are named apart)."""
+
+    output: str | None = field(
+        default=None, metadata={"help": "folder for the PNGs (default: the run folder; plots/ for several)"}
     )
-    options = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..command_line import command_parser
+
+    parser = command_parser(PlotArguments, "delia plot", __doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (delia train / delia demo output_dir)")
+    options, positionals = parser.parse_args_into_dataclasses(argv)
     try:
-        figures = plot_runs(options.runs, options.output)
+        figures = plot_runs(positionals.runs, options.output)
     except (ValueError, OSError) as error:
         print(f"delia plot: error: {error}", file=sys.stderr)
         return 2
-    output = Path(options.output or (options.runs[0] if len(options.runs) == 1 else "plots"))
+    runs = positionals.runs
+    output = Path(options.output or (runs[0] if len(runs) == 1 else "plots"))
     print("wrote " + ", ".join(str(output / name) for name in figures))
     return 0
 
