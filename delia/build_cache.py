@@ -266,6 +266,7 @@ class _Tally:
     kept_degenerate: int = 0
     hit_max_new_tokens: int = 0
     tokens: int = 0
+    invalid_replies_retried: int = 0  # 200 replies that were no chat completion, retried (openai)
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ class CacheResult:
     tokens: int  # generated, kept or not
     seconds: float
     processes: int
+    invalid_replies_retried: int = 0  # 200 replies that were no chat completion, retried (openai backend)
 
     def __fspath__(self) -> str:
         """The output path, so `open(result)` and `load_conversations(result)` work as with the path itself."""
@@ -299,10 +301,12 @@ class CacheResult:
     def summary(self) -> str:
         """One line for people: rows written and skipped, tokens, speed."""
         seconds = max(self.seconds, 1e-9)
+        invalid = self.invalid_replies_retried
         return (
             f"{self.path}: {self.written} rows written, {self.skipped_already_done} skipped as already done, "
             f"{self.dropped_degenerate} dropped as empty or broken, {self.tokens} tokens "
             f"({self.tokens / seconds:.1f} tokens/s) in {self.seconds:.1f} s"
+            + (f", {invalid} invalid server replies retried" if invalid else "")
         )
 
 
@@ -372,8 +376,9 @@ def _answer(
     """Phase 3: answer every query and append its row to `target`, `batch_size` replies per flushed, fsynced write.
 
     Prompts are prepared once (rendered, tokenized) and answered longest first if `sort_by_length` (out-of-memory
-    shows up at once, and each batch pads little). Rows go to the file in that order; the replies that came back
-    before an error are written before it is raised.
+    shows up at once, and each batch pads little). Rows go to the file in that order, or as they come back with a
+    backend that has `stream_unordered` (openai: a retry holds nothing back; resume keys on ids, not on order); the
+    replies that came back before an error are written before it is raised.
     """
     try:
         prompts = engine.prepare(conversations, [query.id for query in queries])
@@ -385,13 +390,17 @@ def _answer(
     tally, rows, unwritten = _Tally(), [], 0
     started = time.perf_counter()
     in_answer_order = [prompts[index] for index in order]
+    unordered = getattr(engine, "stream_unordered", None)  # (position in in_answer_order, reply) pairs
+    stream = (unordered or engine.stream)(in_answer_order, sampling)
     with (
         CacheWriter(target) as writer,
-        contextlib.closing(engine.stream(in_answer_order, sampling)) as replies,  # stopped on an error too
+        contextlib.closing(stream) as replies,  # stopped on an error too
         tqdm(total=len(queries), unit="row", disable=not progress) as bar,
     ):
         try:
-            for index, reply in zip(order, replies, strict=True):
+            answered = 0
+            for position, reply in replies if unordered else enumerate(replies):
+                index, answered = order[position], answered + 1
                 tally.tokens += reply.num_tokens
                 tally.hit_max_new_tokens += reply.finish_reason == "length"
                 degenerate = degenerate_reason(reply) is not None
@@ -405,10 +414,13 @@ def _answer(
                     tally.written += writer.write(batch)
                     bar.update(batch_size)
                     bar.set_postfix(tokens_per_s=f"{tally.tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            if answered != len(queries):  # what zip(strict=True) checked when replies came in order
+                raise RuntimeError(f"the {engine.name} backend answered {answered} of {len(queries)} prompts")
         finally:
             if rows:
                 tally.written += writer.write(rows)
             bar.update(unwritten)
+            tally.invalid_replies_retried = getattr(engine, "invalid_replies_retried", 0)
     return tally
 
 
