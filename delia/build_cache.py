@@ -55,6 +55,7 @@ class _Tally:
     kept_degenerate: int = 0
     hit_max_new_tokens: int = 0
     tokens: int = 0
+    invalid_replies_retried: int = 0  # 200 replies that were no chat completion, retried (openai)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class CacheResult:
     tokens: int  # generated, kept or not
     seconds: float
     processes: int
+    invalid_replies_retried: int = 0  # 200 replies that were no chat completion, retried (openai backend)
 
     def __fspath__(self) -> str:
         """The output path, so `open(result)` and `load_conversations(result)` work as with the path itself."""
@@ -88,10 +90,12 @@ class CacheResult:
     def summary(self) -> str:
         """One line for people: rows written and skipped, tokens, speed."""
         seconds = max(self.seconds, 1e-9)
+        invalid = self.invalid_replies_retried
         return (
             f"{self.path}: {self.written} rows written, {self.skipped_already_done} skipped as already done, "
             f"{self.dropped_degenerate} dropped as empty or broken, {self.tokens} tokens "
             f"({self.tokens / seconds:.1f} tokens/s) in {self.seconds:.1f} s"
+            + (f", {invalid} invalid server replies retried" if invalid else "")
         )
 
 
@@ -160,8 +164,9 @@ def _answer(
 ) -> _Tally:
     """Phase 3: answer every query and append its row to `target`, `batch_size` replies per flushed, fsynced write.
 
-    Rows go to the file in answer order (longest prompt first if `sort_by_length`); the replies that came back
-    before an error are written before it is raised.
+    Rows go to the file in answer order (longest prompt first if `sort_by_length`, or as they come back from a
+    backend with `stream_unordered`: resume keys on ids, not on order); the replies that came back before an error
+    are written before it is raised.
     """
     tally, rows, unwritten = _Tally(), [], 0
     started = time.perf_counter()
@@ -193,6 +198,7 @@ def _answer(
             if rows:
                 tally.written += writer.write(rows)
             bar.update(unwritten)
+            tally.invalid_replies_retried = getattr(engine, "invalid_replies_retried", 0)
     return tally
 
 

@@ -65,6 +65,12 @@ class BuildCacheArguments:
         },
     )
     concurrency: int = field(default=8, metadata={"help": "requests in flight (openai backend)"})
+    timeout: float = field(
+        default=30.0, metadata={"help": "seconds a request may wait without a byte from the server (openai backend)"}
+    )
+    max_retries: int = field(
+        default=3, metadata={"help": "retries of a failed request (openai backend); a silent server errors in ~2 min"}
+    )
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call; replies per durable write"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model (vLLM backend)"})
     dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
@@ -89,6 +95,8 @@ class BuildCacheArguments:
             name=self.backend,
             base_urls=self.base_urls,
             concurrency=self.concurrency,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
             batch_size=self.batch_size,
             tensor_parallel_size=self.tensor_parallel_size,
             dtype=self.dtype,

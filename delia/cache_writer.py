@@ -33,18 +33,26 @@ def done_ids(paths: Iterable[str]) -> set[str]:
 
 
 class CacheWriter:
-    """Appends rows to one JSONL file; each `write` is flushed and fsynced before it returns."""
+    """Appends rows to one JSONL file; each `write` is flushed and fsynced before it returns.
+
+    The file is opened at the first row: a run that fails before writing any (every request refused) leaves no empty
+    file behind. Leaving the `with` block without an error creates it all the same, so a finished run has its output.
+    """
 
     def __init__(self, path: str):
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         repair_tail(path)  # appends start on a fresh line, whatever an earlier kill left
-        self._handle = open(path, "a", encoding="utf-8")
+        self._handle = None
 
     def write(self, rows: Iterable[dict[str, Any]]) -> int:
         """Append `rows`, one JSON object a line, and return once they are on disk; return how many were written."""
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if not lines:
+            return 0
+        if self._handle is None:
+            self._handle = open(self.path, "a", encoding="utf-8")
         self._handle.write(lines)
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -52,12 +60,15 @@ class CacheWriter:
 
     def close(self) -> None:
         """Close the file (every row is already on disk)."""
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None and self._handle is None:  # finished with no row to write: the output exists, empty
+            self._handle = open(self.path, "a", encoding="utf-8")
         self.close()
 
 

@@ -356,7 +356,8 @@ def test_requests_stay_in_flight_across_batches(stub, tmp_path):
     result = build_cache("tiny", write_jsonl(tmp_path / "q.jsonl", rows), output, sort_by_length=False, **options)
     assert server.max_in_flight == 6  # reaches `concurrency`, never more, with 2 rows per batch
     written = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
-    assert written == [f"Question {i}" for i in range(40)] and result.written == 40  # in query order, each once
+    assert sorted(written) == sorted(latency) and result.written == 40  # each once, in the order they came back
+    assert written != [f"Question {i}" for i in range(40)]  # the latencies are shuffled: not the query order
 
     # per-request seeds: the same whatever the batch boundaries and the answer order
     first = {body["messages"][-1]["content"]: body["seed"] for _, body in server.requests}
@@ -388,11 +389,11 @@ def test_a_failed_request_ends_the_run_and_a_rerun_answers_the_rest_once(stub, t
     with pytest.raises(ServerRequestError, match="this one is refused"):
         build_cache("tiny", query_file, output, **options)
     kept = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
-    assert kept == [f"Question {i}" for i in range(len(kept))] and len(kept) <= 13  # the replies before it, in order
+    assert 0 < len(kept) == len(set(kept)) < 30 and "Question 13" not in kept  # the replies back before it, once
     broken[0] = False
     result = build_cache("tiny", query_file, output, **options)
     rows = [json.loads(line)["messages"][0]["content"] for line in output.read_text().splitlines()]
-    assert rows == [f"Question {i}" for i in range(30)]  # each once
+    assert sorted(rows) == sorted(latency) and len(rows) == 30  # each once
     assert result.skipped_already_done == len(kept) and result.written == 30 - len(kept)
 
 

@@ -27,6 +27,8 @@ class BackendOptions:
     name: str = "auto"  # "auto": openai when base_urls are given, vLLM on CUDA if installed, else transformers
     base_urls: str | list[str] | None = None  # OpenAI-compatible servers (openai)
     concurrency: int = 8  # requests in flight (openai)
+    timeout: float = 30.0  # seconds an attempt may wait without a byte from the server (openai)
+    max_retries: int = 3  # retries after the first attempt (openai): a silent server errors in about 2 minutes
     batch_size: int = 32  # prompts per generate call (transformers, vLLM); replies per durable write (all)
     tensor_parallel_size: int = 1  # GPUs per model (vLLM)
     dtype: str = "auto"  # when a model is loaded by name (transformers, vLLM)
@@ -40,6 +42,10 @@ class BackendOptions:
             value = getattr(self, setting)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{setting} must be a positive integer, got {value!r}")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds above 0, got {self.timeout!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be a whole number >= 0, got {self.max_retries!r}")
 
     @classmethod
     def from_keywords(cls, backend: str | BackendOptions, keywords: dict[str, Any]) -> BackendOptions:
@@ -76,7 +82,8 @@ def make_backend(options: BackendOptions, model: Any, *, tokenizer: Any = None, 
 
         if not options.base_urls:
             raise ValueError("backend='openai' needs base_urls (CLI: --base-url), e.g. http://127.0.0.1:8000/v1")
-        return OpenAIBackend(str(model), options.base_urls, concurrency=options.concurrency, **options.extra)
+        settings = {"timeout": options.timeout, "max_retries": options.max_retries, **options.extra}
+        return OpenAIBackend(str(model), options.base_urls, concurrency=options.concurrency, **settings)
     if backend == "vllm":
         from .vllm_backend import VLLMBackend
 

@@ -22,7 +22,8 @@ def answer(
     where: Callable[[int], str],
     sort_by_length: bool = True,
 ) -> Iterator[tuple[int, Generation]]:
-    """(index into `conversations`, reply) for each conversation, longest prompt first when `sort_by_length`.
+    """(index into `conversations`, reply) for each conversation, longest prompt first when `sort_by_length`; in the
+    order replies come back from a backend with `stream_unordered` (a server: a retry holds the others up no more).
 
     `ids` are the request ids (they pick each request's seed); `where(index)` names a conversation's file and line
     for a prompt the chat template cannot render (a DataFormatError). Closing the iterator stops the backend.
@@ -34,13 +35,20 @@ def answer(
     order = list(range(len(prompts)))
     if sort_by_length:
         order.sort(key=lambda index: -prompts[index].length)
-    replies = backend.stream([prompts[index] for index in order], sampling)
+    in_answer_order = [prompts[index] for index in order]
+    unordered = getattr(backend, "stream_unordered", None)  # (position in in_answer_order, reply), as they come
+    stream = (unordered or backend.stream)(in_answer_order, sampling)
+    answered = 0
     try:
-        yield from zip(order, replies, strict=True)
+        for position, reply in stream if unordered else enumerate(stream):
+            answered += 1
+            yield order[position], reply
     finally:
-        close = getattr(replies, "close", None)
+        close = getattr(stream, "close", None)
         if close is not None:
             close()
+    if answered != len(prompts):
+        raise RuntimeError(f"the {backend.name} backend answered {answered} of {len(prompts)} prompts")
 
 
 def answer_all(
