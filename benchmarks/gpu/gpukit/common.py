@@ -92,7 +92,7 @@ class Sizes:
     regime_eval_limit: int | None = None  # all 30 eval rows
     regime_eval_new_tokens: int = 96
     regime_general_queries: int | None = None  # all 128 held-out general queries
-    regime_probe_limit: int | None = None
+    regime_probe_limit: int | None = 16  # the probe loads each model on the CPU (run_probe does not place it)
     regime_gen_share: float = 0.4  # of the regime's time left after the base evaluation
     regime_reserve_s: float = 120.0  # kept after DELIA's training for both SFT runs, the evaluations and the probe
     dtype: str = "bfloat16"
