@@ -37,7 +37,7 @@ from .generation.base import Backend, Conversation, Generation, SamplingConfig
 from .generation.factory import BackendOptions, make_backend
 from .generation.loop import answer
 from .generation.prompts import build_conversation
-from .io import repair_tail, write_json_atomically
+from .io import check_output_file, repair_tail, write_json_atomically
 from .runtime import leave_process_group, process_state
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,6 +283,7 @@ def build_cache(
     """
     arguments, backend = _options(options)
     output = os.fspath(output)
+    check_output_file(output, "the output cache", inputs=(queries,))  # before the model loads
     state = process_state()
     started = time.perf_counter()
     all_queries = load_queries(

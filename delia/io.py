@@ -172,3 +172,29 @@ def iter_jsonl(path: str | os.PathLike, skip_partial_tail: bool = False) -> Iter
                     f"{os.fspath(path)}, line {line_number}: expected a JSON object, got {type(row).__name__}"
                 )
             yield line_number, row
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Create `folder` if needed and check a file can be written in it, before any heavy work; one line naming it."""
+    folder = os.fspath(folder) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"{what} {folder!r} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = _create_temporary(os.path.join(folder, "write-check"))
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"{what} {folder!r} cannot be written ({error.strerror or error}); choose another") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[Any, ...] = ()) -> None:
+    """Refuse an output file that is a folder, is one of `inputs`, or lies in a folder that cannot be written."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path!r} is a folder; expected a file path")
+    for source in inputs:
+        if isinstance(source, (str, os.PathLike)) and os.path.exists(source) and os.path.exists(path):
+            if os.path.samefile(source, path):
+                raise ValueError(f"{what} {path!r} is also an input ({os.fspath(source)!r}); choose another file")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")

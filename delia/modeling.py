@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from .io import read_json_or_none
-from .models import resolve_model
+from .models import COMPLETE_MARKER, corruption, resolve_model
 from .run_files import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def load_tokenizer_and_model(
     becomes the EOS token. Loading errors become one `OSError` line naming the model.
     """
     path = resolve_model(model_name_or_path)  # a known short name such as "smollm2-135m-instruct": hub or local copy
+    check_model_source(os.fspath(path))
     device = torch.device(device) if device is not None else None
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     quantization = resolve_quantization(quantization, cuda)
@@ -228,7 +229,7 @@ def load_tokenizer_and_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # missing or broken files, a tokenizer it cannot build
         raise model_load_error(path, error) from None
     if device is not None and quantization is None:
         model = model.to(device)
@@ -293,15 +294,37 @@ def _adapter_base(path: str, base_model: str | None) -> str:
     return base
 
 
-def _check_model_folder(path: str) -> None:
-    """A local folder must hold a model (config.json) or an adapter (adapter_config.json): one line naming it."""
-    if os.path.isdir(path) and not any(
-        os.path.isfile(os.path.join(path, name)) for name in (MODEL_CONFIG_FILE, ADAPTER_CONFIG_FILE)
-    ):
+def looks_like_local_path(path: str) -> bool:
+    """Whether a model or folder name that does not exist was meant as a local path, not a hub name ("org/name").
+
+    A path that starts with `/`, `.` or `~`, has more than two parts, or whose first part is a local folder (a
+    mistyped `runs/dmeo` next to `runs/`) is local: it gets "no such folder" at once instead of a wait for the hub.
+    """
+    parts = path.replace(os.sep, "/").split("/")
+    return path.startswith(("/", ".", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_model_source(path: str, adapters: bool = False) -> None:
+    """One line for a model name that cannot be a model: a missing local folder, or one without model files."""
+    if not os.path.exists(path):
+        if looks_like_local_path(path):
+            raise FileNotFoundError(f"no such folder {path!r}; expected a model folder (or a hub or short model name)")
+        return
+    wanted = (MODEL_CONFIG_FILE, ADAPTER_CONFIG_FILE) if adapters else (MODEL_CONFIG_FILE,)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in wanted):
+        adapter = os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
         raise OSError(
-            f"{path!r} holds neither a model ({MODEL_CONFIG_FILE} and weights) nor a LoRA adapter "
+            f"{path!r} holds a LoRA adapter, not a model: evaluate it with `delia eval`, or load its base model"
+            if adapter
+            else f"{path!r} holds neither a model ({MODEL_CONFIG_FILE} and weights) nor a LoRA adapter "
             f"({ADAPTER_CONFIG_FILE}); expected the folder `delia train` or `save_pretrained` wrote"
         )
+    if not os.path.isdir(path):
+        raise OSError(f"{path!r} is a file; expected a model folder (or a hub or short model name)")
+    if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):  # a model delia converted: its files as converted?
+        problem = corruption(path)
+        if problem is not None:
+            raise OSError(f"{path!r} is corrupt: {problem}; delete the folder and run `delia fetch-model` again")
 
 
 def _adapter_tokens(
@@ -349,7 +372,7 @@ def load_for_inference(
     GPU when there is one.
     """
     path = os.fspath(target)
-    _check_model_folder(path)
+    check_model_source(path, adapters=True)
     options = {
         "quantization": quantization,
         "dtype": dtype,

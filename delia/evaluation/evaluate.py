@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bundled import DEFAULT_EVAL_DATASET, DEFAULT_GENERAL_QUERIES
-from ..io import read_json_or_none, replace_atomically, write_json_atomically
+from ..io import check_writable_folder, read_json_or_none, replace_atomically, write_json_atomically
 from ..run_files import EVAL_GENERATIONS_FILE, EVAL_REPORT_FILE, MIXTURE_FILE
 from .contrast import DO_NOT_INSTRUCTIONS, MIN_FOLLOW_RATE, replace_instruction, summarise_contrast
 from .eval_data import EvalData, EvalRow, load_eval_data
@@ -262,6 +262,7 @@ def prepare_evaluation(
     folder = os.fspath(output) if output is not None else (target if os.path.isdir(target) else None)
     if folder is None:
         raise ValueError(f"{target!r} is not a local folder; pass an output folder for the report (--output)")
+    check_writable_folder(folder, "the report folder (--output)")  # before any answer is generated
     if exclude_caches is None:
         cache = _mixture_cache(target) if os.path.isdir(target) else None
         exclude_caches = [cache] if cache else []
