@@ -625,7 +625,7 @@ def test_config_is_sane_without_an_accelerator(tmp_path, monkeypatch):
 
 def test_arrow_split_matches_the_row_by_row_split():
     """The vectorised messages -> prompt/completion split gives exactly what the plain Python split gives."""
-    from delia.data.forms import _split_rows, split_final_reply
+    from delia.data.forms import split_final_reply, split_rows
 
     rows = [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -649,7 +649,7 @@ def test_arrow_split_matches_the_row_by_row_split():
     dataset = Dataset.from_list(rows * 5).select([14, 3, 7, 0, 1])  # an index mapping, as after a draw
     dataset = dataset.add_column("id", list(range(5)))
     fast = split_final_reply(dataset)
-    slow = _split_rows(dataset[:])
+    slow = split_rows(dataset[:])
     assert fast.to_dict() == slow
     assert fast.column_names == ["prompt", "completion", "id"]
     streamed = split_final_reply(dataset.to_iterable_dataset())
@@ -660,7 +660,7 @@ def test_arrow_rules_and_python_reference_agree_on_random_rows():
     """The fast check flags exactly the rows the Python reference rejects, over seeded random (mostly bad) rows."""
     import random
 
-    from delia.data.rules import _bad_rows_in_messages_batch, row_problem
+    from delia.data.rules import bad_message_rows, row_problem
 
     rng = random.Random(0)
     roles = ["system", "user", "assistant", "tool"]
@@ -670,7 +670,7 @@ def test_arrow_rules_and_python_reference_agree_on_random_rows():
         length = rng.randint(0, 5)
         rows.append({"messages": [{"role": rng.choice(roles), "content": rng.choice(contents)} for _ in range(length)]})
     dataset = Dataset.from_list(rows)
-    fast = set(_bad_rows_in_messages_batch(dataset.data.column("messages")).tolist())
+    fast = set(bad_message_rows(dataset.data.column("messages")).tolist())
     slow = {index for index, row in enumerate(rows) if row_problem(row, "messages") is not None}
     assert 0 < len(slow) < len(rows)  # both kinds present, so the comparison means something
     assert fast == slow

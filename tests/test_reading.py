@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from delia.data import reading
+from delia.data import json_check, reading
 from delia.data.reading import DataFormatError, read_dataset
 from delia.data.rules import load_conversations
 
@@ -614,7 +614,7 @@ def test_good_file_is_read_without_a_python_pass(tmp_path, monkeypatch):
     def no_python_pass(*args, **kwargs):
         pytest.fail("a good file was parsed line by line in Python")
 
-    monkeypatch.setattr(reading, "_first_bad_line", no_python_pass)
-    monkeypatch.setattr(reading, "_json_values", no_python_pass)
+    monkeypatch.setattr(json_check, "first_bad_line", no_python_pass)
+    monkeypatch.setattr(json_check, "json_values", no_python_pass)
     dataset, origin = read_dataset(path, "cache")
     assert len(dataset) == 500 and origin.rows == 500

@@ -1,26 +1,33 @@
-"""TRL's dataset forms, and the few conversions DELIA needs between them.
+"""TRL's dataset forms: what a row is, read in one place, and the few conversions DELIA needs between forms.
 
 SFTTrainer accepts language-modeling rows (`text`, or `dataset_text_field`), prompt/completion rows (strings, or
 message lists), conversations (`messages`, or ShareGPT-style `conversations` with from/value keys) and pre-tokenized
-rows (`input_ids`). DELIA changes a dataset only where it must:
+rows (`input_ids`), in plain Arrow columns or in datasets' `Json` type (see `json_type`). Every caller asks here:
 
-- `split_final_reply`: a conversation becomes prompt = every message but the last, completion = the final assistant
-  reply, so the loss falls on that reply whatever the chat template (DELIA's recipe; `final_reply_only`);
-- `conform`: a diverse cache is rewritten in the downstream rows' Arrow schema (columns it lacks become empty, columns
-  only it has are dropped), so the two can be concatenated and every column of the user's rows survives mixing.
+- `detect_form` (a dataset) and `row_form` (one row) say which form, in SFTTrainer's order (`closest_form` also names
+  the form a broken row comes closest to, for error messages);
+- `conversation_of`, `user_turns`, `first_user_turn` and `last_user_turn` read a row's messages whatever its form;
+- `is_message_list` says whether an Arrow column is a message list the vectorised paths can read.
+
+DELIA changes a dataset only where it must: `split_final_reply` turns a conversation into prompt = every message but
+the last, completion = the final assistant reply, so the loss falls on that reply whatever the chat template (DELIA's
+recipe; `final_reply_only`); `conform` (in `conform.py`) rewrites a cache in the downstream rows' schema.
 """
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Features, IterableDataset, Value
+from datasets import Dataset, Features, IterableDataset, Json, Value
 
-from .reading import DataFormatError, DatasetOrigin
+from .conform import conform  # noqa: F401  (re-exported: callers outside data/ name it forms.conform)
+from .errors import DataFormatError
+from .json_type import holds_json, to_python
+from .reading import DatasetOrigin
 
 LANGUAGE_MODELING = "language modeling text"
 PROMPT_COMPLETION = "prompt/completion strings"
@@ -35,6 +42,26 @@ KNOWN_FORMS_HINT = (
 )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Which form: a dataset, or one row
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _form_of(columns: list[str], prompt_is_text: Callable[[], bool], text_field: str) -> str | None:
+    """The one decision, in SFTTrainer's order (pre-tokenized rows first); None if no column says."""
+    if "input_ids" in columns:
+        return TOKENIZED
+    if "prompt" in columns and "completion" in columns:
+        return PROMPT_COMPLETION if prompt_is_text() else CONVERSATIONAL_PROMPT_COMPLETION
+    if "messages" in columns:
+        return MESSAGES
+    if "conversations" in columns:
+        return FROM_VALUE
+    if text_field in columns:
+        return LANGUAGE_MODELING
+    return None
+
+
 def _first_row(dataset: Dataset | IterableDataset) -> dict[str, Any]:
     return next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
 
@@ -44,28 +71,106 @@ def detect_form(
 ) -> str:
     """Which of TRL's forms `dataset` is in, decided as SFTTrainer decides it (pre-tokenized rows first)."""
     columns = dataset.column_names or list(_first_row(dataset))
-    if "input_ids" in columns:
-        return TOKENIZED
-    if "prompt" in columns and "completion" in columns:
+
+    def prompt_is_text() -> bool:  # a Json prompt column may hold either: SFTTrainer looks at the first row
         feature = dataset.features["prompt"] if dataset.features else None
-        if isinstance(feature, Value) or (feature is None and isinstance(_first_row(dataset)["prompt"], str)):
-            return PROMPT_COMPLETION
-        return CONVERSATIONAL_PROMPT_COMPLETION
-    if "messages" in columns:
-        return MESSAGES
-    if "conversations" in columns:
-        return FROM_VALUE
-    if text_field in columns:
-        return LANGUAGE_MODELING
-    where = origin.label if origin else "dataset"
-    found = ", ".join(map(repr, columns)) or "none"
-    raise DataFormatError(
-        f"{where}: no column SFTTrainer can train on (fields found: {found}); expected {KNOWN_FORMS_HINT}"
-    )
+        if feature is None or isinstance(feature, Json):
+            return isinstance(_first_row(dataset)["prompt"], str)
+        return isinstance(feature, Value)
+
+    form = _form_of(columns, prompt_is_text, text_field)
+    if form is None:
+        where = origin.label if origin else "dataset"
+        found = ", ".join(map(repr, columns)) or "none"
+        raise DataFormatError(
+            f"{where}: no column SFTTrainer can train on (fields found: {found}); expected {KNOWN_FORMS_HINT}"
+        )
+    return form
+
+
+def row_form(row: dict[str, Any], text_field: str = "text") -> str | None:
+    """Which form one (decoded) row is in, as `detect_form` decides it for a dataset; fields holding None do not
+    count (a row of a dataset that mixes forms has them). None if no field says."""
+    fields = [name for name, value in row.items() if value is not None]
+    return _form_of(fields, lambda: isinstance(row.get("prompt"), str), text_field)
+
+
+def closest_form(row: dict[str, Any]) -> str:
+    """The conversational form a row is in (messages, or prompt/completion as strings or message lists) or, in none,
+    the one it comes closest to: prompt/completion when it has a prompt and no messages, else messages."""
+    form = row_form(row)
+    if form in (MESSAGES, PROMPT_COMPLETION, CONVERSATIONAL_PROMPT_COMPLETION):
+        return form
+    if "prompt" in row and "messages" not in row:
+        return PROMPT_COMPLETION if isinstance(row["prompt"], str) else CONVERSATIONAL_PROMPT_COMPLETION
+    return MESSAGES
 
 
 def is_conversational_form(form: str) -> bool:
     return form in (MESSAGES, FROM_VALUE, CONVERSATIONAL_PROMPT_COMPLETION)
+
+
+def is_message_list(column_type: pa.DataType, *, plain: bool = False) -> bool:
+    """list<struct<role: string, ...>>: messages whose roles Arrow can read (the vectorised check and split); `plain`
+    also asks for string contents, the layout the vectorised validation reads. Json layouts are neither."""
+    if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)):
+        return False
+    item = column_type.value_type
+    if not pa.types.is_struct(item) or item.get_field_index("role") < 0:
+        return False
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    fields = ("role", "content") if plain else ("role",)
+    return all(
+        item.get_field_index(name) >= 0 and any(check(item.field(name).type) for check in strings) for name in fields
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A row's messages, whatever its form
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def conversation_of(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row's messages as plain role/content dicts: from prompt + completion (strings or message lists), `messages`,
+    or ShareGPT `conversations` (from/value, renamed as SFTTrainer renames them); other message keys are dropped."""
+    form = row_form(row)
+    if form in (PROMPT_COMPLETION, CONVERSATIONAL_PROMPT_COMPLETION):
+        prompt, completion = row["prompt"], row["completion"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+        messages = prompt + completion
+    elif form == MESSAGES:
+        messages = row["messages"]
+    elif form == FROM_VALUE:
+        messages = [{"role": m.get("from"), "content": m.get("value")} for m in row["conversations"]]
+    else:
+        found = ", ".join(repr(name) for name, value in row.items() if value is not None) or "none"
+        raise DataFormatError(
+            f"expected a conversation: 'messages', 'conversations' or 'prompt' + 'completion' (fields found: {found})"
+        )
+    return [{"role": message.get("role"), "content": message.get("content")} for message in messages]
+
+
+def user_turns(row: dict[str, Any]) -> list[Any]:
+    """The contents of a row's user messages, in order, whatever its form (a prompt string is one user turn)."""
+    return [message["content"] for message in conversation_of(row) if message["role"] == "user"]
+
+
+def first_user_turn(row: dict[str, Any]) -> str:
+    """The content of a row's first user message (what a query is); DataFormatError if it has none."""
+    return _one_turn(row, 0)
+
+
+def last_user_turn(row: dict[str, Any]) -> str:
+    """The content of a row's last user message (the one a final reply answers); DataFormatError if it has none."""
+    return _one_turn(row, -1)
+
+
+def _one_turn(row: dict[str, Any], index: int) -> Any:
+    turns = user_turns(row)
+    if not turns:
+        raise DataFormatError("expected a conversation with a user message, found none")
+    return turns[index]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -78,8 +183,8 @@ def check_ends_with_assistant(dataset: Dataset, origin: DatasetOrigin) -> None:
     offset = 0
     for batch in dataset.select_columns(["messages"]).with_format("arrow").iter(batch_size=65_536):
         messages = batch.column("messages").combine_chunks()
-        if not _is_message_list(messages.type):  # a layout Arrow cannot read roles from: check each row
-            for row, conversation in enumerate(messages.to_pylist(), start=offset):
+        if not is_message_list(messages.type):  # a layout Arrow cannot read roles from (Json): check each row
+            for row, conversation in enumerate(to_python(messages), start=offset):
                 _check_last_role(conversation, row, origin)
         else:
             lengths = pc.fill_null(pc.list_value_length(messages), 0).to_numpy(zero_copy_only=False)
@@ -110,14 +215,6 @@ def _check_last_role(conversation: Any, row: int, origin: DatasetOrigin) -> None
         )
 
 
-def _is_message_list(column_type: pa.DataType) -> bool:
-    return (
-        (pa.types.is_list(column_type) or pa.types.is_large_list(column_type))
-        and pa.types.is_struct(column_type.value_type)
-        and column_type.value_type.get_field_index("role") >= 0
-    )
-
-
 def _split_table(table: pa.Table) -> pa.Table:
     """prompt = messages[:-1], completion = messages[-1:], as Arrow list slices; other columns unchanged."""
     index = table.column_names.index("messages")
@@ -134,7 +231,7 @@ def _split_table(table: pa.Table) -> pa.Table:
     return table.add_column(index, "prompt", prompt).add_column(index + 1, "completion", completion)
 
 
-def _split_rows(batch: dict[str, list]) -> dict[str, list]:
+def split_rows(batch: dict[str, list]) -> dict[str, list]:
     """The row-by-row `_split_table`, for layouts Arrow cannot slice (and for streaming datasets, checked as they go)."""
     batch = dict(batch)
     conversations = batch.pop("messages")
@@ -153,38 +250,40 @@ def split_final_reply(dataset: Dataset | IterableDataset) -> Dataset | IterableD
     The result stays in memory (it is a cheap rewrite of list offsets, and caching it would leave a file per run).
     """
     if isinstance(dataset, IterableDataset):
-        return dataset.map(_split_rows, batched=True, remove_columns=["messages"])
-    if _is_message_list(dataset.data.schema.field("messages").type):
-        message = dataset.features["messages"]
-        features = Features(
-            {
-                **{name: feature for name, feature in dataset.features.items() if name != "messages"},
-                "prompt": message,
-                "completion": message,
-            }
-        )
-        order = [name for name in dataset.column_names if name != "messages"]
-        at = dataset.column_names.index("messages")
-        features = Features({name: features[name] for name in order[:at] + ["prompt", "completion"] + order[at:]})
+        return dataset.map(split_rows, batched=True, remove_columns=["messages"])
+    column_type = dataset.data.schema.field("messages").type
+    if is_message_list(column_type):
         return (
             dataset.with_format("arrow")
             .map(
                 _split_table,
                 batched=True,
                 batch_size=10_000,
-                features=features,
+                features=_split_features(dataset),
                 keep_in_memory=True,
                 desc="Splitting off the final replies",
             )
             .with_format(None)
         )
     return dataset.map(
-        _split_rows,
+        split_rows,
         batched=True,
         remove_columns=["messages"],
+        features=_split_features(dataset) if holds_json(column_type) else None,  # Json stays Json, as TRL reads it
         keep_in_memory=True,
         desc="Splitting off the final replies",
     )
+
+
+def _split_features(dataset: Dataset) -> Features:
+    """The dataset's features with `messages` replaced, where it stood, by `prompt` and `completion` of its type."""
+    features = {}
+    for name, feature in dataset.features.items():
+        if name == "messages":
+            features.update(prompt=feature, completion=feature)
+        else:
+            features[name] = feature
+    return Features(features)
 
 
 def join_prompt_completion(dataset: Dataset) -> Dataset:
@@ -196,110 +295,3 @@ def join_prompt_completion(dataset: Dataset) -> Dataset:
         return {"messages": [p + c for p, c in zip(prompts, completions, strict=True)], **batch}
 
     return dataset.map(join, batched=True, remove_columns=["prompt", "completion"], keep_in_memory=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Conforming a cache to the downstream schema
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def empty_value(data_type: pa.DataType, rows: int) -> pa.Array:
-    """What a row lacking a column holds: null, or a struct of nulls (TRL unpacks `chat_template_kwargs` with **)."""
-    if pa.types.is_struct(data_type):
-        return pa.StructArray.from_arrays(
-            [empty_value(data_type.field(i).type, rows) for i in range(data_type.num_fields)],
-            fields=list(data_type),
-        )
-    return pa.nulls(rows, type=data_type)
-
-
-def conform_array(array: pa.Array, target: pa.DataType) -> pa.Array:
-    """`array` rewritten as `target`: struct fields it lacks become empty, extra fields go, lists recurse."""
-    if array.type == target:
-        return array
-    if pa.types.is_struct(target) and pa.types.is_struct(array.type):
-        names = [array.type.field(i).name for i in range(array.type.num_fields)]
-        children = [
-            conform_array(pc.struct_field(array, field.name), field.type)
-            if field.name in names
-            else empty_value(field.type, len(array))
-            for field in target
-        ]
-        return pa.StructArray.from_arrays(
-            children, fields=list(target), mask=array.is_null() if array.null_count else None
-        )
-    if (pa.types.is_list(target) or pa.types.is_large_list(target)) and (
-        pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
-    ):
-        values = conform_array(array.values.slice(array.offsets[0].as_py(), None), target.value_type)
-        offsets = pc.subtract(array.offsets, array.offsets[0])
-        list_class = pa.LargeListArray if pa.types.is_large_list(target) else pa.ListArray
-        return list_class.from_arrays(offsets, values, mask=array.is_null() if array.null_count else None)
-    return array.cast(target)
-
-
-def _castable(source: pa.DataType, target: pa.DataType) -> bool:
-    """Whether `conform_array` rewrites `source` as `target` for any values (decided on the types alone)."""
-    if source == target or pa.types.is_null(source):
-        return True
-    if pa.types.is_struct(source) and pa.types.is_struct(target):
-        names = {source.field(i).name: source.field(i).type for i in range(source.num_fields)}
-        return all(_castable(names[field.name], field.type) for field in target if field.name in names)
-    lists = (pa.types.is_list, pa.types.is_large_list)
-    if any(check(source) for check in lists) and any(check(target) for check in lists):
-        return _castable(source.value_type, target.value_type)
-    numbers = (pa.types.is_integer, pa.types.is_floating)
-    if pa.types.is_integer(source) and any(check(target) for check in numbers):
-        return True
-    strings = (pa.types.is_string, pa.types.is_large_string)
-    return any(check(source) for check in strings) and any(check(target) for check in strings)
-
-
-def _clashing_columns(dataset: Dataset, schema: pa.Schema) -> list[str]:
-    """Columns of `dataset` whose type `conform_array` cannot rewrite in `schema`'s (e.g. a string `id` vs an int one)."""
-    source = dataset.features.arrow_schema
-    return [
-        field.name
-        for field in schema
-        if field.name in source.names and not _castable(source.field(field.name).type, field.type)
-    ]
-
-
-def conform(dataset: Dataset, features: Features, constants: dict[str, str] | None = None) -> Dataset:
-    """`dataset` in the schema `features` (missing columns empty, extra ones dropped), plus constant string columns."""
-    schema = features.arrow_schema
-    constants = constants or {}
-    clashing = _clashing_columns(dataset, schema)
-    if clashing:
-        warnings.warn(
-            "Columns the downstream rows and the diverse cache hold in types that cannot be reconciled are left empty "
-            "in the cache rows: "
-            + "; ".join(f"{name!r} ({dataset.features[name]} vs {features[name]})" for name in clashing),
-            UserWarning,
-            stacklevel=4,
-        )
-
-    def rewrite(table: pa.Table) -> pa.Table:
-        columns = {}
-        for field in schema:
-            if field.name in constants:
-                columns[field.name] = pa.array([constants[field.name]] * table.num_rows, type=field.type)
-            elif field.name in table.column_names and field.name not in clashing:
-                columns[field.name] = conform_array(table.column(field.name).combine_chunks(), field.type)
-            else:
-                columns[field.name] = empty_value(field.type, table.num_rows)
-        return pa.table(columns, schema=schema)
-
-    return (
-        dataset.with_format("arrow")
-        .map(
-            rewrite,
-            batched=True,
-            batch_size=10_000,
-            features=features,
-            remove_columns=[name for name in dataset.column_names if name not in features],
-            keep_in_memory=True,
-            desc="Aligning columns",
-        )
-        .with_format(None)
-    )

@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDa
 
 from ..config import check_diverse_ratio, check_diverse_sampling
 from . import forms
+from .conform import conform
 from .reading import DataFormatError, DatasetOrigin, read_dataset
 from .rules import validate_conversations
 
@@ -227,15 +228,9 @@ def prepare_datasets(
             f"{train_origin.label}: has a 'source' column, which DELIA uses to tag downstream and diverse rows; "
             "rename or remove it before mixing"
         )
-    cache, cache_origin = read_dataset(diverse_dataset, "diverse dataset")
+    cache, cache_origin, cache_form = _read_cache(diverse_dataset, dataset_text_field)
     if formatting_func is not None:
         form = forms.LANGUAGE_MODELING  # what the formatting function makes of each downstream row
-    text_field = dataset_text_field if dataset_text_field in cache.column_names else "text"
-    cache_form = forms.detect_form(cache, text_field, cache_origin)
-    if cache_form == forms.FROM_VALUE:  # checked, drawn and split as messages, exactly as SFTTrainer converts them
-        cache, cache_form = _to_chatml(cache), forms.MESSAGES
-    if cache_form in (forms.MESSAGES, forms.CONVERSATIONAL_PROMPT_COMPLETION):
-        validate_conversations(cache, cache_origin)
     split = _should_split(form, final_reply_only, assistant_only_loss)
     train = _prepare_one(train, train_origin, form, split, formatting_func)
     target_form = forms.CONVERSATIONAL_PROMPT_COMPLETION if split else form
@@ -243,19 +238,12 @@ def prepare_datasets(
         train, target_form = _to_chatml(train), forms.MESSAGES
 
     plan = plan_mixture(len(train), len(cache), ratio, seed, sampling)
-    if plan.resolved_sampling == "every_row_then_with_replacement":
-        warnings.warn(
-            f"The diverse cache has {plan.cache_rows} rows, but ratio {plan.ratio:g} x {plan.downstream_rows} "
-            f"downstream rows asks for {plan.diverse_rows}: using every cache row once plus "
-            f"{plan.diverse_rows - plan.cache_rows} drawn with replacement.",
-            UserWarning,
-            stacklevel=3,
-        )
+    _warn_if_rows_repeat(plan)
     drawn = _in_form(cache.select(plan.draw()), cache_form, target_form, dataset_text_field, train_origin, cache_origin)
     features = Features({**train.features, "source": Value("string")})
     parts = [
-        forms.conform(train, features, constants={"source": "downstream"}),
-        forms.conform(drawn, features, constants={"source": "diverse"}),
+        conform(train, features, constants={"source": "downstream"}),
+        conform(drawn, features, constants={"source": "diverse"}),
     ]
     unshuffled = concatenate_datasets(parts)
     order = plan.order()
@@ -275,6 +263,29 @@ def prepare_datasets(
         unshuffled,
         order,
     )
+
+
+def _read_cache(source: Any, text_field: str) -> tuple[Dataset, DatasetOrigin, str]:
+    """The diverse cache, its origin and form; ShareGPT rows become messages, conversations are validated."""
+    cache, origin = read_dataset(source, "diverse dataset")
+    text_field = text_field if text_field in cache.column_names else "text"
+    form = forms.detect_form(cache, text_field, origin)
+    if form == forms.FROM_VALUE:  # checked, drawn and split as messages, exactly as SFTTrainer converts them
+        cache, form = _to_chatml(cache), forms.MESSAGES
+    if form in (forms.MESSAGES, forms.CONVERSATIONAL_PROMPT_COMPLETION):
+        validate_conversations(cache, origin)
+    return cache, origin, form
+
+
+def _warn_if_rows_repeat(plan: MixturePlan) -> None:
+    if plan.resolved_sampling == "every_row_then_with_replacement":
+        warnings.warn(
+            f"The diverse cache has {plan.cache_rows} rows, but ratio {plan.ratio:g} x {plan.downstream_rows} "
+            f"downstream rows asks for {plan.diverse_rows}: using every cache row once plus "
+            f"{plan.diverse_rows - plan.cache_rows} drawn with replacement.",
+            UserWarning,
+            stacklevel=4,  # the caller of prepare_datasets' caller, as before this helper
+        )
 
 
 def _in_form(

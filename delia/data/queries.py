@@ -10,8 +10,9 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+from . import forms
 from .reading import DataFormatError, DatasetOrigin, read_dataset
-from .rules import validate_conversations
+from .rules import RULES_FORMAT, validate_conversations
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,19 @@ def _text(value: Any, origin: DatasetOrigin, row: int, field: str, required: boo
     return value
 
 
+def _conversation_form(dataset: Any) -> str | None:
+    try:
+        return forms.detect_form(dataset)
+    except DataFormatError:
+        return None
+
+
+def _first_exchange(row: dict[str, Any]) -> tuple[str, str]:
+    """A validated conversation's first user turn and the assistant reply to it (rows of any form, Json included)."""
+    turns = [message for message in forms.conversation_of(row) if message["role"] != "system"]
+    return turns[0]["content"], turns[1]["content"]
+
+
 def load_queries(
     source: Any,
     *,
@@ -76,17 +90,15 @@ def load_queries(
 ) -> list[Query]:
     """Queries (and reference answers) from conversations or from named fields; duplicates keep their first row.
 
-    Without `query_field`: a `messages` column gives the first user turn and the assistant reply after it; an
-    Alpaca-style `instruction` column gives instruction (+ `input`) and `output`.
+    Without `query_field`: conversations (`messages`, or prompt/completion as strings or message lists; plain or
+    Json columns) give the first user turn and the assistant reply after it; an Alpaca-style `instruction` column
+    gives instruction (+ `input`) and `output`.
     """
     dataset, origin = read_dataset(source, "query file", split)
     columns = dataset.column_names
-    if query_field is None and "messages" in columns:
-        validate_conversations(dataset, origin)
-        pairs = []
-        for messages in dataset["messages"]:
-            turns = [m for m in messages if m["role"] != "system"]
-            pairs.append((turns[0]["content"], turns[1]["content"]))
+    if query_field is None and _conversation_form(dataset) in RULES_FORMAT:
+        validate_conversations(dataset, origin)  # so each row is system?, user, assistant, ...
+        pairs = [_first_exchange(row) for row in dataset.with_format(None)]
     else:
         if query_field is None and "instruction" in columns:
             query_field = "instruction"

@@ -14,11 +14,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Value
+from datasets import Dataset
 
+from . import forms
 from .reading import EXPECTED_ROW, DataFormatError, DatasetOrigin, read_dataset
 
 VALIDATION_BATCH_ROWS = 65_536
+PYTHON_BATCH_ROWS = 1_000
+"""Rows decoded at a time when the Python reference checks a dataset (a Json layout, or explaining a bad row)."""
+
+RULES_FORMAT = {
+    forms.MESSAGES: "messages",
+    forms.CONVERSATIONAL_PROMPT_COMPLETION: "conversational",
+    forms.PROMPT_COMPLETION: "standard",
+}
+"""The rules' name of each form they check (what `validate_conversations` returns and `row_problem` takes)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,24 +110,24 @@ def row_problem(row: Any, data_format: str) -> str | None:
 
 
 def _detect_format(dataset: Dataset, origin: DatasetOrigin) -> str:
-    """ "messages", "conversational" (prompt/completion message lists) or "standard" (prompt/completion strings)."""
-    columns = dataset.column_names
-    if "messages" in columns:
-        return "messages"
-    if "prompt" in columns and "completion" in columns:
-        prompt_feature = dataset.features["prompt"]
-        return "standard" if isinstance(prompt_feature, Value) else "conversational"
-    found = ", ".join(map(repr, columns)) or "none"
-    raise DataFormatError(
-        f"{origin.where(0)}: missing field 'messages': expected {EXPECTED_ROW} (fields found: {found})"
-    )
+    """The rules' name of the dataset's form (`forms.detect_form` decides); a form they do not check is an error."""
+    try:
+        form = forms.detect_form(dataset)
+    except DataFormatError:
+        form = None
+    if form not in RULES_FORMAT:
+        found = ", ".join(map(repr, dataset.column_names)) or "none"
+        raise DataFormatError(
+            f"{origin.where(0)}: missing field 'messages': expected {EXPECTED_ROW} (fields found: {found})"
+        )
+    return RULES_FORMAT[form]
 
 
-def _bad_rows_in_messages_batch(messages: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+def bad_message_rows(messages: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
     """Indices of rows in one Arrow batch that break the messages rules; None if the column's type needs Python."""
     if isinstance(messages, pa.ChunkedArray):
         messages = messages.combine_chunks()
-    if not has_plain_message_type(messages.type):
+    if not forms.is_message_list(messages.type, plain=True):
         return None
 
     rows = len(messages)
@@ -154,11 +164,16 @@ def _iter_arrow_batches(dataset: Dataset, columns: list[str]) -> Iterator[pa.Tab
 
 
 def _first_problem(dataset: Dataset, data_format: str, start: int = 0) -> tuple[int, str] | None:
-    """The first row from `start` on that breaks the rules, checked in Python (slow; used to explain a rejection)."""
-    for index in range(start, len(dataset)):
-        problem = row_problem(dataset[index], data_format)
-        if problem is not None:
-            return index, problem
+    """The first row from `start` on that breaks the rules, checked in Python on decoded rows (Json included): slow,
+    used to explain a rejection and for layouts the fast check cannot read."""
+    dataset = dataset.with_format(None)
+    for begin in range(start, len(dataset), PYTHON_BATCH_ROWS):
+        batch = dataset[begin : begin + PYTHON_BATCH_ROWS]
+        names = list(batch)
+        for index, values in enumerate(zip(*batch.values(), strict=True), start=begin):
+            problem = row_problem(dict(zip(names, values, strict=True)), data_format)
+            if problem is not None:
+                return index, problem
     return None
 
 
@@ -171,7 +186,7 @@ def validate_conversations(dataset: Dataset, origin: DatasetOrigin | str = "data
     if data_format == "messages":
         offset = 0
         for batch in _iter_arrow_batches(dataset, ["messages"]):
-            bad = _bad_rows_in_messages_batch(batch.column("messages"))
+            bad = bad_message_rows(batch.column("messages"))
             if bad is None or len(bad):
                 found = _first_problem(dataset, data_format, start=offset + (int(bad[0]) if bad is not None else 0))
                 if found is not None:
@@ -212,21 +227,6 @@ def load_conversations(source: Any, *, label: str = "dataset", split: str = "tra
 
 def any_format_row_problem(row: dict) -> str | None:
     """`row_problem` for a row of unknown format: messages, or prompt/completion as strings or message lists."""
-    data_format = "messages" if "messages" in row or "prompt" not in row else "conversational"
-    if data_format == "conversational" and isinstance(row.get("prompt"), str):
-        data_format = "standard"
-    return row_problem(row, data_format)
-
-
-def has_plain_message_type(column_type: pa.DataType) -> bool:
-    """list<struct<role: string, content: string, ...>>: the Arrow layout the fast paths can handle."""
-    if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)):
-        return False
-    item = column_type.value_type
-    return (
-        pa.types.is_struct(item)
-        and item.get_field_index("role") >= 0
-        and item.get_field_index("content") >= 0
-        and pa.types.is_string(item.field("role").type)
-        and pa.types.is_string(item.field("content").type)
-    )
+    if not isinstance(row, dict):
+        return row_problem(row, "messages")
+    return row_problem(row, RULES_FORMAT[forms.closest_form(row)])
