@@ -10,6 +10,7 @@ from typing import Any
 
 from ..bundled import DEFAULT_EVAL_DATASET, DEFAULT_GENERAL_QUERIES
 from ..data import DataFormatError, DatasetOrigin, read_dataset, validate_conversations
+from ..data.forms import conversation_of, last_user_turn
 from ..data.rules import any_format_row_problem
 from .contrast import split_instruction
 from .metrics import reference_label
@@ -32,16 +33,6 @@ class EvalRow:
         return self.origin.where(self.index)
 
 
-def _conversation(row: dict) -> list[dict[str, str]]:
-    """A row's messages, from `messages` or from prompt + completion (strings or message lists)."""
-    if "messages" in row and row["messages"] is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    prompt, completion = row["prompt"], row["completion"]
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    return [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
-
-
 def load_eval_rows(source: Any, *, limit: int | None = None, label: str = "eval dataset") -> list[EvalRow]:
     """Eval conversations whose final reply is a `<sep>` dict with a yes/no 'hallucination'; errors name file and line."""
     dataset, origin = read_dataset(source, label, row_problem=any_format_row_problem)
@@ -50,7 +41,7 @@ def load_eval_rows(source: Any, *, limit: int | None = None, label: str = "eval 
         dataset = dataset.select(range(min(limit, len(dataset))))
     rows = []
     for index, row in enumerate(dataset):
-        messages = _conversation(row)
+        messages = conversation_of(row)
         reference = reference_label(messages[-1]["content"])
         if reference is None:
             raise DataFormatError(
@@ -70,8 +61,7 @@ def training_instructions(source: Any) -> set[str]:
     validate_conversations(dataset, origin)
     instructions = set()
     for row in dataset:
-        users = [m for m in _conversation(row) if m["role"] == "user"]
-        instructions.add(split_instruction(users[-1]["content"])[1])
+        instructions.add(split_instruction(last_user_turn(row))[1])
     return instructions
 
 

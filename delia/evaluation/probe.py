@@ -69,18 +69,12 @@ def make_variants(prompt: str, token: str = "<sep>", explicit: str = EXPLICIT_FO
     return {"sep": prompt, "explicit": reference.sub(explicit, prompt), "control": control}
 
 
-def _user_turn(row: dict[str, Any]) -> str:
-    messages = row.get("messages") or (row["prompt"] if isinstance(row.get("prompt"), list) else None)
-    if messages is None:
-        return row["prompt"]
-    return [message["content"] for message in messages if message["role"] == "user"][-1]
-
-
 def load_prompts(
     source: str | None = None, token: str = "<sep>", limit: int | None = None, explicit: str = EXPLICIT_FORMAT
 ) -> list[dict[str, str]]:
     """Variants of each prompt's last user turn, from DELIA conversations (JSONL, saved dataset or hub name)."""
     from ..data import load_conversations
+    from ..data.forms import last_user_turn
     from ..data.reading import line_of_row
 
     source = source or default_probe_prompts()
@@ -90,7 +84,7 @@ def load_prompts(
         if limit is not None and len(variants) >= limit:
             break
         try:
-            variants.append(make_variants(_user_turn(row), token, explicit))
+            variants.append(make_variants(last_user_turn(row), token, explicit))
         except ValueError as error:
             where = f"line {line_of_row(source, row_index)}" if os.path.isfile(source) else f"row {row_index}"
             raise ValueError(f"{source}, {where}: {error}; the probe needs user turns that use it") from None
