@@ -308,23 +308,28 @@ def check_model_source(path: str, adapters: bool = False) -> None:
     """One line for a model name that cannot be a model: a missing local folder, or one without model files."""
     if not os.path.exists(path):
         if looks_like_local_path(path):
-            raise FileNotFoundError(f"no such folder {path!r}; expected a model folder (or a hub or short model name)")
+            raise FileNotFoundError(
+                f"could not load model {path!r}: no such folder; expected a model folder (or a hub or short model name)"
+            )
         return
     wanted = (MODEL_CONFIG_FILE, ADAPTER_CONFIG_FILE) if adapters else (MODEL_CONFIG_FILE,)
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in wanted):
         adapter = os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
         raise OSError(
-            f"{path!r} holds a LoRA adapter, not a model: evaluate it with `delia eval`, or load its base model"
+            f"could not load model {path!r}: it holds a LoRA adapter, not a model; evaluate it with `delia eval`, or "
+            "load its base model"
             if adapter
-            else f"{path!r} holds neither a model ({MODEL_CONFIG_FILE} and weights) nor a LoRA adapter "
+            else f"could not load model {path!r}: it holds neither a model ({MODEL_CONFIG_FILE} and weights) nor a LoRA adapter "
             f"({ADAPTER_CONFIG_FILE}); expected the folder `delia train` or `save_pretrained` wrote"
         )
     if not os.path.isdir(path):
-        raise OSError(f"{path!r} is a file; expected a model folder (or a hub or short model name)")
+        raise OSError(f"could not load model {path!r}: a file; expected a model folder (or a hub or short model name)")
     if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):  # a model delia converted: its files as converted?
         problem = corruption(path)
         if problem is not None:
-            raise OSError(f"{path!r} is corrupt: {problem}; delete the folder and run `delia fetch-model` again")
+            raise OSError(
+                f"could not load model {path!r}: corrupt, {problem}; delete the folder and run `delia fetch-model` again"
+            )
 
 
 def _adapter_tokens(

@@ -80,8 +80,11 @@ class SweepArguments:
             raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}; got {self.budget!r}")
         if not self.ratios:
             raise ValueError("--ratios needs at least one diverse ratio, e.g. --ratios 0 20 67 260")
-        ratios = [check_diverse_ratio(ratio) for ratio in self.ratios]
-        self.ratios = list(dict.fromkeys(ratios))
+        self.ratios = [check_diverse_ratio(ratio) for ratio in self.ratios]
+        for name, values in (("ratios", self.ratios), ("seeds", self.seeds or [])):
+            repeated = sorted({value for value in values if values.count(value) > 1})
+            if repeated:  # one run counted twice would bias the mean and shrink the std
+                raise ValueError(f"--{name} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
         import matplotlib.figure
 
         writable = matplotlib.figure.Figure().canvas.get_supported_filetypes()
@@ -400,11 +403,11 @@ def run_sweep(
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[SweepArguments, EvalArguments, Any, DSFTConfig]:
     """`delia sweep`'s options (and a YAML recipe's, with --config): the sweep's, eval's, the model's, training's."""
-    from .command_line import command_parser
+    from .command_line import command_parser, parse_with_recipe
     from .train import ModelArguments
 
     parser = command_parser((SweepArguments, EvalArguments, ModelArguments, DSFTConfig), "delia sweep", recipes=True)
-    return parser.parse_args_and_config(argv)
+    return parse_with_recipe(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

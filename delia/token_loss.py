@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -309,5 +310,18 @@ def append_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The lines of a token_loss.jsonl (a partial last line, left by a kill, is skipped)."""
-    return [record for _, record in iter_jsonl(path, skip_partial_tail=True)]
+    """The records of a token_loss.jsonl: a partial last line (left by a kill) is skipped, and so, with a warning that
+    names the file and line, is a record without an integer `step` and a `tokens` mapping (edited by hand, say)."""
+    records = []
+    for line, record in iter_jsonl(path, skip_partial_tail=True):
+        step, tokens = record.get("step"), record.get("tokens")
+        if isinstance(step, bool) or not isinstance(step, int) or not isinstance(tokens, dict):
+            warnings.warn(
+                f"{os.fspath(path)}, line {line}: skipped, expected a record with an integer 'step' and a 'tokens' "
+                "mapping (as DSFTTrainer writes them)",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
+        records.append(record)
+    return records

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from .command_line import command_parser
+from .command_line import command_parser, parse_with_recipe
 from .config import DSFTConfig
 from .integrity import find_checkpoint
 from .lora import get_peft_config
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_parser((ModelArguments, DSFTConfig), "delia train", recipes=True)
     with showing_delia_logs():
         try:  # bad input: one clear line, nothing overwritten; a failure during training keeps its traceback
-            model_args, args = parser.parse_args_and_config(argv)
+            model_args, args = parse_with_recipe(parser, argv)
             trainer = build_trainer(model_args, args)
             checkpoint = checkpoint_to_resume(model_args, args, trainer)
         except (ValueError, OSError, yaml.YAMLError) as error:

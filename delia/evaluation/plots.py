@@ -88,8 +88,8 @@ def read_token_losses(run_dir: str | os.PathLike, history: Sequence[Mapping[str,
     if path.is_file():
         for record in read_records(path):
             prefix = record.get("prefix", "eval")
-            for token, stats in record.get("tokens", {}).items():
-                if stats.get("mean") is not None:
+            for token, stats in record["tokens"].items():
+                if isinstance(stats, dict) and isinstance(stats.get("mean"), (int, float)):
                     name = token if prefix == "eval" else f"{prefix.removeprefix('eval_')}: {token}"
                     curves.setdefault(name, []).append((record["step"], stats["mean"]))
         return curves
