@@ -20,6 +20,14 @@ configuration, its median tokens/s and its ratio to float32; the last line is th
 
     python benchmarks/cpu_generation.py
     python benchmarks/cpu_generation.py --configs float32,bf16 --rounds 5
+
+With --background_load N, it measures instead how self-sampling holds up beside N busy processes (each a Python loop
+that keeps one core busy, started by the benchmark and killed after): float32, in each round a quiet run and a
+loaded run with delia's thread policy (the cores other programs leave free, looked up before each batch), then a
+loaded run at torch's own thread count (what generation used before the policy). The last line is
+`loaded_vs_quiet=<x>`: tokens/s under load with the policy / tokens/s quiet, medians over the rounds, in one run.
+
+    python benchmarks/cpu_generation.py --background_load 2 --new-tokens 24
 """
 
 from __future__ import annotations
@@ -28,8 +36,12 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,6 +68,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: delia's choice for training)")
+    parser.add_argument(
+        "--background_load", "--background-load", type=int, default=0, help="busy processes beside the generation"
+    )
     args = parser.parse_args(argv)
     args.configs = args.configs.split(",")
     assert set(args.configs) <= set(CONFIGS) and "float32" in args.configs, (
@@ -77,10 +92,13 @@ def load(model_path: str, config: str):
     return tokenizer, model.eval()
 
 
-def sample(args: argparse.Namespace, tokenizer, model, output: str, limit: int) -> tuple[int, float]:
+def sample(
+    args: argparse.Namespace, tokenizer, model, output: str, limit: int, cpu_threads: int | None = None
+) -> tuple[int, float]:
     """One build_cache call on the first `limit` bundled queries; returns (generated tokens, seconds)."""
     # min = max new tokens: every query costs the same in every configuration
     sizes = dict(batch_size=args.batch_size, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    sizes["cpu_threads"] = cpu_threads
     build_cache(model, str(BUNDLED_QUERY_CACHE), output, tokenizer=tokenizer, limit=limit, **sizes, **EVERY_CALL)
     counts = json.loads(Path(f"{output}.meta.json").read_text())["counts"]
     return counts["tokens"], counts["seconds"]
@@ -110,10 +128,62 @@ def measure(args: argparse.Namespace, model_path: str) -> dict[str, list[float]]
     return rates
 
 
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """`count` Python processes that each keep a core busy meanwhile (bounded: each ends by itself after 30 min)."""
+    loop = "import time\nend = time.time() + 1800\nwhile time.time() < end: pass"
+    children = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(count)]
+    try:
+        time.sleep(1.0)  # running before the generation starts
+        yield
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(timeout=30)
+
+
+def measure_under_load(args: argparse.Namespace, model_path: str) -> None:
+    """Quiet vs loaded tokens/s with delia's thread policy, and loaded at torch's own threads; `loaded_vs_quiet` last."""
+    rates: dict[str, list[float]] = {"quiet, policy": [], "loaded, policy": [], "loaded, torch threads": []}
+    torch_threads = torch.get_num_threads()
+    tokenizer, model = load(model_path, "float32")
+    with tempfile.TemporaryDirectory() as workdir:
+        output = os.path.join(workdir, "cache.jsonl")
+        sample(args, tokenizer, model, output, limit=args.batch_size)  # warm-up
+        for round_index in range(args.rounds):
+            rates["quiet, policy"].append(rate(sample(args, tokenizer, model, output, args.queries)))
+            with busy_processes(args.background_load):
+                rates["loaded, policy"].append(rate(sample(args, tokenizer, model, output, args.queries)))
+                fixed = sample(args, tokenizer, model, output, args.queries, cpu_threads=torch_threads)
+                rates["loaded, torch threads"].append(rate(fixed))
+            print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " tokens/s")
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    for name, median in medians.items():
+        print(f"{name:<22} {median:8.1f} tokens/s  x{median / medians['quiet, policy']:.2f} of quiet")
+    print(f"policy_vs_torch_threads_under_load={medians['loaded, policy'] / medians['loaded, torch threads']:.2f}")
+    print(f"loaded_vs_quiet={medians['loaded, policy'] / medians['quiet, policy']:.2f}")
+
+
+def rate(sampled: tuple[int, float]) -> float:
+    """Tokens per second of one `sample` call."""
+    tokens, seconds = sampled
+    return tokens / seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     """The configurations in turn; prints each one's median tokens/s and ratio to float32, `best=` last."""
     args = parse_arguments(argv)
     quiet()
+    if args.background_load:
+        announce_delia()
+        model_path = resolve_model(args.model)
+        print(
+            f"model {args.model} ({model_path}), float32; {args.queries} queries, batch {args.batch_size}, "
+            f"{args.new_tokens} new tokens each; {args.rounds} rounds; {args.background_load} busy processes; "
+            f"torch threads {torch.get_num_threads()} on {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}"
+        )
+        measure_under_load(args, model_path)
+        return
     torch.set_num_threads(args.threads or free_threads())
     announce_delia()
     model_path = resolve_model(args.model)

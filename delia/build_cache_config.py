@@ -74,6 +74,10 @@ class BuildCacheArguments:
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call; replies per durable write"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model (vLLM backend)"})
     dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads on a CPU; unset: the cores other programs leave free, looked up per batch"},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "run a model repository's own code"})
 
     def __post_init__(self):
@@ -100,6 +104,7 @@ class BuildCacheArguments:
             batch_size=self.batch_size,
             tensor_parallel_size=self.tensor_parallel_size,
             dtype=self.dtype,
+            cpu_threads=self.cpu_threads,
             trust_remote_code=self.trust_remote_code,
             extra=dict(extra or {}),
         )

@@ -175,12 +175,19 @@ def iter_jsonl(path: str | os.PathLike, skip_partial_tail: bool = False) -> Iter
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
-    """Create `folder` if needed and check a file can be written in it, before any heavy work; one line naming it."""
-    folder = os.fspath(folder) or "."
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise FileExistsError(f"{what} {folder!r} is a file, not a folder")
+    """Check, before any heavy work and without creating it, that files can be written in `folder`; one line naming
+    it otherwise. An existing folder is probed with a short-lived file; a missing one, by its nearest existing parent."""
+    folder = os.path.abspath(os.fspath(folder) or ".")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileExistsError(f"{what} {folder!r}: {existing!r} is a file, not a folder")
+    if existing != folder:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{what} {folder!r} cannot be created: {existing!r} is not writable; choose another")
+        return
     try:
-        os.makedirs(folder, exist_ok=True)
         handle, probe = _create_temporary(os.path.join(folder, "write-check"))
         os.close(handle)
         os.remove(probe)

@@ -383,7 +383,7 @@ def run_sweep(
         )
     except (ValueError, OSError) as error:
         raise SweepInputError(str(error)) from None
-    generation = eval_args.generation_options()
+    generation = {**eval_args.generation_options(), "cpu_threads": args.cpu_threads}  # training's thread setting
     reports: dict[str, list[dict[str, Any]]] = {}
     if sweep.include_base:
         reports["base"] = [evaluate_base(model_args, args, data, generation, seeds[0])]

@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .config import DSFTConfig
-from .cpu import activation_bytes, available_memory, free_threads, torch_threads
+from .cpu import activation_bytes, available_memory, thread_count, torch_threads
 from .data import MixturePlan, PreparedData, prepare_datasets
 from .data.fingerprint import mixture_fingerprint
 from .integrity import (
@@ -346,11 +346,9 @@ class DSFTTrainer(SFTTrainer):
 
     def _cpu_threads(self) -> int | None:
         """The thread count to train with, or None to leave torch's setting alone."""
-        if self.args.device.type != "cpu" or self.args.cpu_threads == 0:
+        threads = thread_count(self.args.cpu_threads) if self.args.device.type == "cpu" else None
+        if threads is None:
             return None
-        if self.args.cpu_threads is None and os.environ.get("OMP_NUM_THREADS"):
-            return None
-        threads = self.args.cpu_threads or free_threads()
         logger.info("Training on CPU with %d torch threads (cpu_threads=%s)", threads, self.args.cpu_threads)
         return threads
 

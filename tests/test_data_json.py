@@ -212,3 +212,42 @@ def test_dsft_trainer_trains_on_json_messages_as_on_plain_ones(make_tokenizer, m
     assert json_trainer.train_dataset["source"].count("diverse") == 6
     assert json_trainer.train_dataset["input_ids"] == plain["input_ids"]
     assert json_trainer.train_dataset["labels"] == plain["labels"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation and self-sampling read Json conversations too
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_rows_from_json_messages_match_the_plain_ones(layout, tmp_path):
+    from delia.evaluation.eval_data import load_eval_data
+
+    rows = downstream_rows(6)
+    as_json(rows, layout).save_to_disk(str(tmp_path / "eval"))
+    got = load_eval_data(str(tmp_path / "eval"), train_dataset=str(tmp_path / "eval"), general_queries=None)
+    want = load_eval_data(write_jsonl(tmp_path / "eval.jsonl", rows), general_queries=None)
+    assert [(row.prompt, row.instruction, row.label) for row in got.rows] == [
+        (row.prompt, row.instruction, row.label) for row in want.rows
+    ]
+    assert got.seen == {row.instruction for row in want.rows}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from delia.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "chatml")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_build_cache_answers_json_conversations(layout, tmp_path, tiny_model_dir):
+    from delia.build_cache import build_cache
+
+    rows = diverse_rows(4)
+    as_json(rows, layout).save_to_disk(str(tmp_path / "queries"))
+    output = tmp_path / "cache.jsonl"
+    result = build_cache(tiny_model_dir, str(tmp_path / "queries"), output, max_new_tokens=3, progress=False)
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert result.written == len(written) <= 4 and result.queries == 4
+    assert {row["messages"][0]["content"] for row in written} <= {row["messages"][0]["content"] for row in rows}

@@ -70,13 +70,19 @@ def _autocast(model: Any, bf16_generation: bool | None) -> tuple[Any, bool]:
 
 
 def _answer_jobs(
-    model: Any, tokenizer: Any, jobs: list[tuple], sampling: Any, batch_size: int, bf16_generation: bool | None
+    model: Any,
+    tokenizer: Any,
+    jobs: list[tuple],
+    sampling: Any,
+    batch_size: int,
+    bf16_generation: bool | None,
+    cpu_threads: int | None,
 ) -> tuple[list[Any], bool]:
     """Every job's reply in one pass of the generation loop, and whether bf16 autocast was used."""
     from ..generation.loop import answer_all
     from ..generation.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
+    backend = TransformersBackend(model, tokenizer, batch_size=batch_size, cpu_threads=cpu_threads)
     autocast, used = _autocast(model, bf16_generation)
     with autocast:
         replies = answer_all(backend, [job[3] for job in jobs], sampling, where=lambda index: jobs[index][0].where)
@@ -97,7 +103,9 @@ def _phrasing_scores(rows: list[EvalRow], follow: list[Answer], seen: set[str] |
     return phrasings, seen_unseen
 
 
-def _general_nll(model: Any, tokenizer: Any, data: EvalData, batch_size: int) -> dict[str, Any] | None:
+def _general_nll(
+    model: Any, tokenizer: Any, data: EvalData, batch_size: int, cpu_threads: int | None
+) -> dict[str, Any] | None:
     """Retained general ability: the NLL per token of reference answers to the held-out general queries."""
     from .retention import answer_nll
 
@@ -108,7 +116,7 @@ def _general_nll(model: Any, tokenizer: Any, data: EvalData, batch_size: int) ->
         "queries": data.sources["general_queries"],
         "excluded_caches": data.sources["excluded_caches"],
         "excluded": data.excluded,
-        **answer_nll(model, tokenizer, pairs, batch_size=batch_size),
+        **answer_nll(model, tokenizer, pairs, batch_size=batch_size, cpu_threads=cpu_threads),
     }
 
 
@@ -141,12 +149,14 @@ def evaluate_model(
     batch_size: int = 16,
     min_follow_rate: float = MIN_FOLLOW_RATE,
     bf16_generation: bool | None = None,
+    cpu_threads: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate a loaded model on `data` (see `load_eval_data`); returns (report, one record per answer).
 
     `bf16_generation` (None: on a CPU that computes bf16 natively) generates the answers under bf16 autocast, about
     1.8x faster there; greedy answers can then differ from float32 ones where two tokens nearly tie. The general NLL
-    is always computed in the model's own precision.
+    is always computed in the model's own precision. `cpu_threads` is delia's thread policy on a CPU (None: the cores
+    other programs leave free, looked up before each batch; 0: torch's own setting).
     """
     from ..generation import SamplingConfig
 
@@ -162,7 +172,7 @@ def evaluate_model(
         for instruction in do_not_instructions
         for row in rows
     ]
-    replies, bf16_used = _answer_jobs(model, tokenizer, jobs, sampling, batch_size, bf16_generation)
+    replies, bf16_used = _answer_jobs(model, tokenizer, jobs, sampling, batch_size, bf16_generation, cpu_threads)
     answers = [read_answer(reply.text) for reply in replies]
     follow, do_not = answers[: len(rows)], answers[len(rows) :]
 
@@ -170,7 +180,7 @@ def evaluate_model(
     phrasings, seen_unseen = _phrasing_scores(rows, follow, data.seen)
     texts = [reply.text for reply in replies]
     contrast = summarise_contrast(follow, do_not, texts, do_not_instructions, min_follow_rate)
-    general = _general_nll(model, tokenizer, data, batch_size)
+    general = _general_nll(model, tokenizer, data, batch_size, cpu_threads)
     report = {
         "eval_dataset": data.sources["eval_dataset"],
         "train_dataset": data.sources["train_dataset"],
@@ -373,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (used when --temperature > 0)")
     parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--cpu_threads",
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads on a CPU (unset: the cores other programs leave free, looked up per batch; 0: torch's)",
+    )
     try:
         eval_args, options = parser.parse_args_into_dataclasses(argv)
         if options.compare:
@@ -396,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # bad input: one clear line; a failure while generating keeps its traceback
         print(f"delia eval: error: {error}", file=sys.stderr)
         return 2
-    report = evaluation.run(seed=options.seed, **eval_args.generation_options())
+    report = evaluation.run(seed=options.seed, cpu_threads=options.cpu_threads, **eval_args.generation_options())
     print(format_report(report))
     return 0
 

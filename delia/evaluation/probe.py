@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..bundled import default_probe_prompts
+from ..cpu import OtherLoad, threads_while
 from ..io import write_json_atomically
 from ..modeling import load_for_inference
 from ..run_files import PROBE_PLOT_FILE, PROBE_REPORT_FILE
@@ -109,7 +110,9 @@ def _render(tokenizer: Any, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def last_position_states(model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int = 8) -> torch.Tensor:
+def last_position_states(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int = 8, cpu_threads: int | None = None
+) -> torch.Tensor:
     """(layers + 1, len(texts), hidden) float32: every layer's hidden state at each text's last prompt position.
 
     Batches are padded on the left with position ids counted from each row's first real token, so a row's states do
@@ -117,14 +120,15 @@ def last_position_states(model: torch.nn.Module, tokenizer: Any, texts: list[str
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
+    out, other_load = [], OtherLoad()
     for start in range(0, len(texts), batch_size):
         ids = [_render(tokenizer, text) for text in texts[start : start + batch_size]]
         length = max(len(row) for row in ids)
         input_ids = torch.tensor([[pad_id] * (length - len(row)) + row for row in ids], device=device)
         mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in ids], device=device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        with threads_while(cpu_threads, device, other_load):  # delia's thread policy on a CPU, per batch
+            outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
         out.append(torch.stack([layer[:, -1].float().cpu() for layer in outputs.hidden_states]))
     return torch.cat(out, dim=1)
 
@@ -211,10 +215,11 @@ def probe_model(
     path: str = "",
     token: str = "<sep>",
     batch_size: int = 8,
+    cpu_threads: int | None = None,
 ) -> ProbedModel:
     """Scores (centered and raw) and nearest tokens of one loaded model."""
     states = {
-        name: last_position_states(model, tokenizer, [prompt[name] for prompt in prompts], batch_size)
+        name: last_position_states(model, tokenizer, [prompt[name] for prompt in prompts], batch_size, cpu_threads)
         for name in VARIANTS
     }
     return ProbedModel(
@@ -237,6 +242,7 @@ def run_probe(
     output_dir: str = "runs/probe",
     batch_size: int = 8,
     quantization: str | None = None,
+    cpu_threads: int | None = None,
 ) -> dict[str, Any]:
     """Probe each model in turn (one in memory at a time); write probe.json and probe.png; return the report."""
     source = prompts or default_probe_prompts()
@@ -246,7 +252,7 @@ def run_probe(
 
     for label, path in zip(run_labels(models), models, strict=True):
         tokenizer, model, _ = load_for_inference(path, base_model=base, quantization=quantization, new_tokens=(token,))
-        probed.append(probe_model(tokenizer, model, variants, label, path, token, batch_size))
+        probed.append(probe_model(tokenizer, model, variants, label, path, token, batch_size, cpu_threads))
         del model
         gc.collect()
         if torch.cuda.is_available():
@@ -323,6 +329,9 @@ class ProbeArguments:
     output: str = field(default="runs/probe", metadata={"help": "folder for probe.json and probe.png"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     quantization: str = field(default="none", metadata={"help": "none (default), auto, 8bit or 4bit"})
+    cpu_threads: int | None = field(
+        default=None, metadata={"help": "torch threads on a CPU; unset: the cores other programs leave free"}
+    )
 
     def __post_init__(self):
         for name in ("limit", "batch_size"):
@@ -355,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=options.output,
                 batch_size=options.batch_size,
                 quantization=options.quantization,
+                cpu_threads=options.cpu_threads,
             )
     except (ValueError, OSError) as error:
         print(f"delia probe: error: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..cpu import OtherLoad, threads_while
 from ..data.queries import Query, load_queries
 from ..generation.prompts import PromptRenderer
 
@@ -52,6 +53,7 @@ def answer_nll(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
+    cpu_threads: int | None = None,
 ) -> dict[str, Any]:
     """Summed NLL and token count of each reference answer given its query; answers cut at `max_length` tokens.
 
@@ -72,6 +74,7 @@ def answer_nll(
     was_training = model.training
     model.eval()
     nll_sum, tokens = 0.0, 0
+    other_load = OtherLoad()
     try:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
@@ -84,7 +87,8 @@ def answer_nll(
                 input_ids[i, :length] = torch.tensor(prompt + answer)
                 labels[i, len(prompt) : length] = torch.tensor(answer)
                 attention_mask[i, :length] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            with threads_while(cpu_threads, device, other_load):  # delia's thread policy on a CPU, per batch
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             targets = labels[:, 1:].to(device)
             scored = targets != -100
             nll_sum += torch.nn.functional.cross_entropy(

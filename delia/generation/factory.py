@@ -32,6 +32,7 @@ class BackendOptions:
     batch_size: int = 32  # prompts per generate call (transformers, vLLM); replies per durable write (all)
     tensor_parallel_size: int = 1  # GPUs per model (vLLM)
     dtype: str = "auto"  # when a model is loaded by name (transformers, vLLM)
+    cpu_threads: int | None = None  # torch threads on a CPU (transformers): None, the free cores; 0, torch's own
     trust_remote_code: bool = False  # likewise
     extra: dict[str, Any] = field(default_factory=dict)  # more constructor arguments, e.g. {"max_retries": 2}
 
@@ -108,4 +109,4 @@ def make_backend(options: BackendOptions, model: Any, *, tokenizer: Any = None, 
         )
     elif tokenizer is None:
         raise ValueError("pass tokenizer= together with an already loaded model")
-    return TransformersBackend(model, tokenizer, batch_size=options.batch_size)
+    return TransformersBackend(model, tokenizer, batch_size=options.batch_size, cpu_threads=options.cpu_threads)

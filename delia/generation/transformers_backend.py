@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..cpu import OtherLoad, threads_while
 from .base import Backend, Conversation, Generation, Prompt, SamplingConfig, request_seed
 from .prompts import PromptRenderer, PromptRenderError
 
@@ -21,10 +22,11 @@ class TransformersBackend(Backend):
 
     name = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, cpu_threads: int | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.cpu_threads = cpu_threads  # delia's thread policy on a CPU (`delia.cpu.thread_count`), per batch
         self.renderer = PromptRenderer(tokenizer)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -40,9 +42,16 @@ class TransformersBackend(Backend):
         ]
 
     def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
-        """Replies in order, `batch_size` prompts per `model.generate` call, each batch seeded by its first request."""
+        """Replies in order, `batch_size` prompts per `model.generate` call, each batch seeded by its first request.
+
+        On a CPU each batch runs with the threads the cores left free by other programs allow, looked up again
+        before every batch: a decode is hundreds of small parallel ops, each stalled by a thread that lost its core.
+        """
+        other_load = OtherLoad()
         for start in range(0, len(prompts), self.batch_size):
-            yield from self._generate_batch(prompts[start : start + self.batch_size], sampling)
+            with threads_while(self.cpu_threads, self.model.device, other_load):
+                batch = self._generate_batch(prompts[start : start + self.batch_size], sampling)
+            yield from batch
 
     @torch.inference_mode()
     def _generate_batch(self, batch: Sequence[Prompt], sampling: SamplingConfig) -> list[Generation]:
