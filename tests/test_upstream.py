@@ -47,9 +47,7 @@ def test_peft_trainable_tokens_wrapper_gets_the_bias_the_fused_head_reads():
 
     tokenizer = build_tiny_tokenizer("chatml")
     model = build_tiny_model(tokenizer, tie_word_embeddings=False)
-    config = LoraConfig(
-        r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1], "lm_head": [1]}
-    )
+    config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1], "lm_head": [1]})
     peft_model = get_peft_model(model, config)
     wrappers = [m for m in peft_model.modules() if isinstance(m, TrainableTokensWrapper)]
     assert wrappers
