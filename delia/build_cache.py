@@ -38,6 +38,7 @@ from .generation.factory import BackendOptions, make_backend
 from .generation.loop import answer
 from .generation.prompts import build_conversation
 from .io import check_output_file, repair_tail, write_json_atomically
+from .run_files import cache_meta_file
 from .runtime import leave_process_group, process_state
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def _finalise(
         # this run's shards, or an earlier run's left by a kill (the ids in them were skipped above): fold them in
         merge_shards(output, {query.id: index for index, query in enumerate(all_queries)})
         meta = {**described, "repaired_partial_lines_saved_to": repaired, "counts": result.counts()}
-        write_json_atomically(f"{output}.meta.json", {**meta, "versions": _versions()})
+        write_json_atomically(cache_meta_file(output), {**meta, "versions": _versions()})
     state.wait_for_everyone()
     return result
 

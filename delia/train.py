@@ -12,7 +12,6 @@ Every `DSFTConfig` (so every `SFTConfig` / `TrainingArguments`) field is an opti
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,8 +25,10 @@ import yaml
 from .command_line import command_parser, parse_with_recipe
 from .config import DSFTConfig
 from .integrity import find_checkpoint
+from .io import read_json_or_none
 from .lora import get_peft_config
 from .modeling import resolve_quantization, setup_tokenizer_and_model
+from .run_files import TRAINER_STATE_FILE
 from .runtime import check_output_dir, leave_process_group, start_run_folder
 from .trainer import DSFTTrainer
 
@@ -118,10 +119,10 @@ def checkpoint_to_resume(model_args: ModelArguments, args: DSFTConfig, trainer: 
 
 def steps_done(checkpoint: str) -> int | None:
     """The optimizer steps a checkpoint holds (its trainer_state.json's global_step), or None if unreadable."""
+    state = read_json_or_none(os.path.join(checkpoint, TRAINER_STATE_FILE))
     try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
-            return int(json.load(handle)["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(state["global_step"])
+    except (ValueError, KeyError, TypeError):
         return None
 
 
