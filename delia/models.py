@@ -9,7 +9,7 @@ converted once into a plain safetensors folder in the user cache (`DELIA_CACHE`,
 `$XDG_CACHE_HOME/delia`, else `~/.cache/delia`), under `models/<name>`. Later calls reuse that folder; a marker file,
 written last, says it is complete. Downloads land in a temporary file next to their final place and are renamed only
 once verified, so a bad or partial download never replaces a good file. Converting needs the `gguf` package
-(`pip install "delia-trl[real]"`).
+(`gguf`, one of delia's dependencies).
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError('converting a GGUF checkpoint needs the gguf package: pip install "delia-trl[real]"')
+        raise ImportError('converting a GGUF checkpoint needs the gguf package: pip install gguf')
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

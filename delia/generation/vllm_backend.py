@@ -1,4 +1,4 @@
-"""In-process generation with vLLM (`pip install delia-trl[vllm]`), imported only when this backend is chosen.
+"""In-process generation with vLLM (`pip install vllm`, or `pip install -e ".[vllm]"` from a clone), imported only when this backend is chosen.
 
 A thin adapter: vLLM renders nothing for us, so prompts come from the same chat-template renderer as the transformers
 backend, and vLLM's own batching and scheduling do the rest. vLLM cannot be installed on CPU-only machines, so this
@@ -36,7 +36,7 @@ class VLLMBackend(Backend):
         try:
             from vllm import LLM
         except ImportError:
-            raise ImportError("backend='vllm' needs vLLM: pip install 'delia-trl[vllm]' (CUDA machines only)") from None
+            raise ImportError("backend='vllm' needs vLLM: pip install vllm (CUDA machines only)") from None
         from ..models import resolve_model
 
         self.batch_size = batch_size
