@@ -96,7 +96,8 @@ class SweepArguments:
         default=None,
         metadata={
             "help": "instead of --ratios: RATIO:EPOCHS per arm, each trained that many epochs over its mixture, "
-            "e.g. 0:1 0:3 0:10 30:1 100:1 (plain SFT over 1, 3 and 10 epochs; DELIA over one)"
+            "e.g. 0:1 0:3 0:10 30:1 100:1 (plain SFT over 1, 3 and 10 epochs; DELIA over one; --max_steps does "
+            "not apply)"
         },
     )
     seeds: list[int] | None = field(default=None, metadata={"help": "one run per seed and arm (none given: --seed)"})
@@ -131,7 +132,7 @@ class SweepArguments:
             raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}; got {self.budget!r}")
         if self.ratios:
             self.ratios = [check_diverse_ratio(ratio) for ratio in self.ratios]
-        arms = [arm.name for arm in self.plan()]
+        arms = [f"{arm.ratio:g}" if arm.epochs is None else f"{arm.ratio:g}:{arm.epochs:g}" for arm in self.plan()]
         for name, values in (("ratios" if self.ratios else "arms", arms), ("seeds", self.seeds or [])):
             repeated = sorted({str(value) for value in values if values.count(value) > 1})
             if repeated:  # one run counted twice would bias the mean and shrink the std

@@ -482,6 +482,9 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
         assert reports[ratio]["seen_unseen"] == {"seen": None, "unseen": reports[ratio]["follow"]}  # bundled phrasings
     mixture = json.loads((output / "ratio-1" / "seed-3" / "delia_mixture.json").read_text())
     assert mixture["sources"]["diverse"]["rows"] == 8 and mixture["diverse_seed"] == 3
+    # The same 2 steps of 4 rows: one epoch over ratio 0's 8 rows, half an epoch over ratio 1's 16 (8 downstream)
+    assert reports["0"]["training"]["epochs"] == 1 and reports["0"]["training"]["downstream_row_visits"] == 8
+    assert reports["1"]["training"]["epochs"] == 0.5 and reports["1"]["training"]["downstream_row_visits"] == 4
     assert "diverse" not in json.loads((output / "ratio-0" / "seed-3" / "delia_mixture.json").read_text())["sources"]
 
     table = (output / "sweep.md").read_text().splitlines()
@@ -602,7 +605,7 @@ def test_sweep_trains_each_arm_its_own_epochs_and_records_steps_and_row_visits(t
         (["--arms=-1:1"], "--arms: '-1:1' is not RATIO:EPOCHS with RATIO >= 0"),
         (["--arms", "0:0"], "--arms: '0:0' has '0' epochs; expected a number above 0"),
         (["--arms", "0:nan"], "--arms: '0:nan' has 'nan' epochs"),
-        (["--arms", "0:1", "0:1.0"], "--arms lists ratio-0-epochs-1 more than once"),
+        (["--arms", "0:1", "0:1.0"], "--arms lists 0:1 more than once"),
         ([], "give --ratios, e.g. --ratios 0 20 67 260, or --arms RATIO:EPOCHS"),
     ],
 )
