@@ -4,9 +4,10 @@
 2. Self-sample a diverse cache: the model answers the first `--cache_queries` bundled general queries itself, in bf16
    where the CPU computes bf16 natively; the other bundled queries stay held out for the general NLL.
 3. Train plain SFT (ratio 0) and DELIA (`--ratio`) on the bundled `<sep>` rows, LoRA + a trainable `<sep>`, with the
-   same optimizer-step budget and seed, then evaluate the base model and both runs on the bundled eval rows:
-   format rate, label accuracy, the DO-NOT contrast, and the general NLL on held-out queries. This is
-   `delia sweep --ratios 0 R --budget steps` (`delia.sweep`), so each run folder is a sweep run folder.
+   same optimizer-step budget and seed, then evaluate the base model and both runs on the bundled eval rows (half
+   'yes', half 'no'): format rate, label accuracy and balanced accuracy, the DO-NOT contrast, and the general NLL on
+   held-out queries. This is `delia sweep --ratios 0 R --budget steps` (`delia.sweep`), so each run folder is a
+   sweep run folder.
 4. Write `comparison.md` (the `delia eval --compare` table of base, SFT and DELIA), `loss.png` (both runs' training
    loss), `summary.json`, and print the table, a verdict line that says which way the numbers went, and the wall time.
 
@@ -51,7 +52,9 @@ def _nll(value: float | None) -> str:
 
 
 def verdict_line(sft: dict[str, Any], delia: dict[str, Any], base: dict[str, Any] | None = None) -> str:
-    """One sentence: which way each measure went between plain SFT and DELIA, in plain words."""
+    """One sentence: which way each measure went between plain SFT and DELIA, in plain words. Labels are compared by
+    balanced accuracy (a model that always answers 'no' scores 50%, not the share of 'no' rows), and a run that gave
+    one label only is named as such."""
     s, d = sft["summary"], delia["summary"]
     if not s.get("format_learned") and not d.get("format_learned"):
         return (
@@ -77,7 +80,7 @@ def verdict_line(sft: dict[str, Any], delia: dict[str, Any], base: dict[str, Any
         parts.append(f"{label} {show(a)} -> {show(b)} ({'DELIA better' if better else 'SFT better'})")
 
     side("dict_rate_follow", "format", True, _rate)
-    side("accuracy", "label accuracy", True, _rate)
+    side("balanced_accuracy", "balanced accuracy", True, _rate)
     side("sensitivity", "follow-minus-DO-NOT contrast", True, lambda v: "n/a" if v is None else f"{v * 100:+.0f} pts")
     side("general_nll", "general NLL", False, _nll)
     base_nll = (base or {}).get("summary", {}).get("general_nll")
@@ -86,7 +89,25 @@ def verdict_line(sft: dict[str, Any], delia: dict[str, Any], base: dict[str, Any
     caveat = f" ({' and '.join(unlearned)} did not learn the format: its contrast means little)" if unlearned else ""
     return (
         f"Verdict: DELIA came out better on {wins} of {compared} measures against plain SFT at the same steps "
-        f"(SFT -> DELIA: {'; '.join(parts)}{retained}){caveat}. One seed: a direction, not a significant difference."
+        f"(SFT -> DELIA: {'; '.join(parts)}{retained}){caveat}.{one_label_caveat(s, d)} One seed: a direction, not "
+        "a significant difference."
+    )
+
+
+def one_label_caveat(sft: dict[str, Any], delia: dict[str, Any]) -> str:
+    """' SFT answered only 'no' ...' for each run that gave one yes/no label only (or none); '' when both gave both."""
+    notes = []
+    for name, summary in (("SFT", sft), ("DELIA", delia)):
+        answered = summary.get("answered_labels")
+        if answered is None or len(answered) > 1:  # both labels given, or a report from before the key existed
+            continue
+        said = f"only '{answered[0]}'" if answered else "no yes/no label at all"
+        notes.append(f"{name} answered {said}")
+    if not notes:
+        return ""
+    return (
+        f" {' and '.join(notes)}: a constant answer, not a judgement (balanced accuracy at most 50%, whatever the "
+        "plain accuracy)."
     )
 
 

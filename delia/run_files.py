@@ -1,6 +1,6 @@
 """The name of every file delia writes into a run folder (and next to a cache), in one place.
 
-A run folder is what `delia train`, `delia demo`, `delia sweep` (one per ratio and seed) write; `delia eval` and
+A run folder is what `delia train`, `delia demo`, `delia sweep` (one per arm and seed) write; `delia eval` and
 `delia probe` add their reports to it. Readers and writers both import the names from here.
 """
 

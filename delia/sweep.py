@@ -1,14 +1,24 @@
-"""`delia sweep`: one training run per diverse ratio (and seed), each evaluated, then one table and one figure per metric.
+"""`delia sweep`: one training run per arm (a diverse ratio, and with `--arms` its own epochs) and seed, each evaluated,
+then one table and one figure per metric.
 
 Every run trains from the same base model on the same downstream rows with `DSFTTrainer` (LoRA + `<sep>`, set up
 by `delia.train.build_trainer`, so every `delia train` option applies), at its own `diverse_ratio`; ratio 0 is plain
-instruction tuning. The budget is the same number of optimizer steps for every ratio (`--budget steps`, with
-`--max_steps`) or one epoch over each mixture (`--budget epoch`, as in the paper: larger ratios train longer). Each
-run is evaluated with `delia eval`'s measures in memory, right after training; the base model is evaluated once too
-(`--include_base`), as the reference for forgetting.
+instruction tuning. With `--ratios`, the budget is the same for every ratio: the same optimizer steps
+(`--budget steps`, with `--max_steps`) or one epoch over each mixture (`--budget epoch`: larger ratios train longer).
+With `--arms RATIO:EPOCHS ...` each arm trains its own number of epochs over its mixture, so one sweep holds the
+paper's regime (DELIA: ONE epoch over a large mixture, each downstream row seen once) beside plain SFT over the same
+rows for several epochs:
 
-Resumable: a run whose `eval_report.json` exists is not trained again (its settings must match). The sweep writes
-`sweep.md` and `sweep.csv` (mean ± std over seeds per ratio) and `sweep_<metric>.png` into `--output_dir`.
+    delia sweep --config recipe.yaml --arms 0:1 0:3 0:10 30:1 100:1 --output_dir runs/regime
+
+Each run is evaluated with `delia eval`'s measures in memory, right after training; the base model is evaluated once
+too (`--include_base`), as the reference for forgetting. The table gives each arm's optimizer steps, epochs and
+downstream row-visits (downstream rows x epochs the trainer went through), beside accuracy, balanced accuracy and
+macro-F1 (accuracy alone can be the majority label's share), the contrast, the general NLL and the probe.
+
+Resumable: a run whose `eval_report.json` exists is not trained again (its settings, an arm's epochs included, must
+match). The sweep writes `sweep.md` and `sweep.csv` (mean ± std over seeds per arm) and `sweep_<metric>.png` into
+`--output_dir`; run folders are `ratio-R/seed-S` (`--ratios`) or `ratio-R-epochs-E/seed-S` (`--arms`).
 
     delia sweep --model_name_or_path MODEL --train_dataset train.jsonl --diverse_dataset cache.jsonl \
         --ratios 0 20 67 260 --budget steps --max_steps 200 --seeds 0 1 2 --output_dir runs/sweep
@@ -18,17 +28,12 @@ Resumable: a run whose `eval_report.json` exists is not trained again (its setti
 from __future__ import annotations
 
 import copy
-import csv
 import gc
-import io
 import math
 import os
-import statistics
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from .bundled import DEFAULT_EVAL_DATASET
@@ -36,37 +41,72 @@ from .config import DSFTConfig, check_diverse_ratio
 from .evaluation.eval_data import EvalData, load_eval_data
 from .evaluation.evaluate import EvalArguments, evaluate_model, write_report
 from .evaluation.report import read_report
-from .io import replace_atomically
+from .evaluation.sweep_table import METRICS, markdown_table, plot_metrics, summarise, write_tables
 from .run_files import EVAL_REPORT_FILE, SWEEP_CSV_FILE, SWEEP_TABLE_FILE
 from .runtime import start_run_folder
 
+__all__ = ["METRICS", "Arm", "SweepArguments", "markdown_table", "plot_metrics", "run_sweep", "summarise"]
+
 BUDGETS = ("steps", "epoch")
-#: The metrics of the table and the figures: (summary key, label, kind).
-METRICS = (
-    ("parse_rate", "parse rate", "rate"),
-    ("accuracy", "accuracy", "rate"),
-    ("f1_yes", "F1 (yes)", "score"),
-    ("dict_rate_follow", "dict rate, follow", "rate"),
-    ("dict_rate_do_not", "dict rate, DO-NOT", "rate"),
-    ("sensitivity", "sensitivity", "points"),
-    ("general_nll", "general NLL/token", "nll"),
-    ("probe_score", "<sep> probe", "score"),
-)
 
 
 class SweepInputError(ValueError):
     """A run of the sweep could not be set up (bad data, model or options): reported in one line."""
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the sweep: a diverse ratio and, from `--arms`, its own epochs (None: the sweep's `--budget`)."""
+
+    ratio: float
+    epochs: float | None = None
+
+    @property
+    def name(self) -> str:
+        """Its folder and table row: ratio-30 (`--ratios`), ratio-0-epochs-3 (`--arms`)."""
+        return ratio_name(self.ratio) if self.epochs is None else f"{ratio_name(self.ratio)}-epochs-{self.epochs:g}"
+
+
+def parse_arm(text: str) -> Arm:
+    """An arm from `RATIO:EPOCHS` (0:3 is plain SFT over 3 epochs; 30:1 DELIA at ratio 30 over one epoch)."""
+    ratio, sep, epochs = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        value = float(epochs)
+        ratio = check_diverse_ratio(float(ratio))
+    except ValueError:
+        raise ValueError(
+            f"--arms: {text!r} is not RATIO:EPOCHS with RATIO >= 0 (e.g. 0:3 for plain SFT over 3 epochs, 30:1 for "
+            "DELIA at ratio 30 over one epoch)"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--arms: {text!r} has {epochs!r} epochs; expected a number above 0")
+    return Arm(ratio, value)
+
+
 @dataclass
 class SweepArguments:
     """Which runs the sweep trains; training settings are `delia train`'s, evaluation settings `delia eval`'s."""
 
-    ratios: list[float] = field(metadata={"help": "diverse ratios, e.g. 0 20 67 260 (0: plain instruction tuning)"})
-    seeds: list[int] | None = field(default=None, metadata={"help": "one run per seed and ratio (none given: --seed)"})
-    budget: str = field(
-        default="steps",
-        metadata={"help": "steps: --max_steps optimizer steps for every ratio; epoch: one epoch over each mixture"},
+    ratios: list[float] | None = field(
+        default=None, metadata={"help": "diverse ratios, e.g. 0 20 67 260 (0: plain instruction tuning), at --budget"}
+    )
+    arms: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "instead of --ratios: RATIO:EPOCHS per arm, each trained that many epochs over its mixture, "
+            "e.g. 0:1 0:3 0:10 30:1 100:1 (plain SFT over 1, 3 and 10 epochs; DELIA over one; --max_steps does "
+            "not apply)"
+        },
+    )
+    seeds: list[int] | None = field(default=None, metadata={"help": "one run per seed and arm (none given: --seed)"})
+    budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --ratios, steps (the default): --max_steps optimizer steps for every ratio; epoch: one "
+            "epoch over each mixture. With --arms: epoch (each arm's own epochs)"
+        },
     )
     include_base: bool = field(default=True, metadata={"help": "also evaluate the base model (row 'base')"})
     probe: bool = field(default=True, metadata={"help": "probe each trained run (delia probe's <sep> scores)"})
@@ -76,15 +116,27 @@ class SweepArguments:
     )
 
     def __post_init__(self):
+        if self.ratios and self.arms:
+            raise ValueError(
+                "give --ratios (one budget for all) or --arms (RATIO:EPOCHS each), not both (a recipe's ratios: "
+                "counts: use one without it)"
+            )
+        if not self.ratios and not self.arms:
+            raise ValueError("give --ratios, e.g. --ratios 0 20 67 260, or --arms RATIO:EPOCHS ..., e.g. 0:1 0:3 30:1")
+        if self.arms and self.budget not in (None, "epoch"):
+            raise ValueError(
+                f"--arms gives each arm its epochs; --budget {self.budget} does not apply (leave it out, in a recipe too)"
+            )
+        self.budget = self.budget or ("epoch" if self.arms else "steps")
         if self.budget not in BUDGETS:
             raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}; got {self.budget!r}")
-        if not self.ratios:
-            raise ValueError("--ratios needs at least one diverse ratio, e.g. --ratios 0 20 67 260")
-        self.ratios = [check_diverse_ratio(ratio) for ratio in self.ratios]
-        for name, values in (("ratios", self.ratios), ("seeds", self.seeds or [])):
-            repeated = sorted({value for value in values if values.count(value) > 1})
+        if self.ratios:
+            self.ratios = [check_diverse_ratio(ratio) for ratio in self.ratios]
+        arms = [f"{arm.ratio:g}" if arm.epochs is None else f"{arm.ratio:g}:{arm.epochs:g}" for arm in self.plan()]
+        for name, values in (("ratios" if self.ratios else "arms", arms), ("seeds", self.seeds or [])):
+            repeated = sorted({str(value) for value in values if values.count(value) > 1})
             if repeated:  # one run counted twice would bias the mean and shrink the std
-                raise ValueError(f"--{name} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
+                raise ValueError(f"--{name} lists {', '.join(repeated)} more than once")
         import matplotlib.figure
 
         writable = matplotlib.figure.Figure().canvas.get_supported_filetypes()
@@ -92,19 +144,27 @@ class SweepArguments:
             if file_format not in writable:
                 raise ValueError(f"--figure_formats: {file_format!r} is not one of {', '.join(sorted(writable))}")
 
+    def plan(self) -> list[Arm]:
+        """The arms, in the order given: one per ratio (at --budget), or one per `--arms` entry."""
+        return [parse_arm(text) for text in self.arms] if self.arms else [Arm(ratio) for ratio in self.ratios]
+
 
 def ratio_name(ratio: float) -> str:
     """The folder and row name of a ratio: ratio-0, ratio-2.5, ratio-260."""
     return f"ratio-{ratio:g}"
 
 
-def run_folder(output_dir: str, ratio: float, seed: int) -> str:
-    return os.path.join(output_dir, ratio_name(ratio), f"seed-{seed}")
+def run_folder(output_dir: str, ratio: float | Arm, seed: int) -> str:
+    """A run's folder: output_dir/<arm name>/seed-<seed> (a bare ratio is an arm at the sweep's --budget)."""
+    arm = ratio if isinstance(ratio, Arm) else Arm(ratio)
+    return os.path.join(output_dir, arm.name, f"seed-{seed}")
 
 
-def _settings(model_args: Any, args: DSFTConfig, ratio: float | None, seed: int | None, budget: str) -> dict[str, Any]:
-    """What makes two runs the same run: a finished one is reused only when these match."""
-    return {
+def _settings(model_args: Any, args: DSFTConfig, arm: Arm | None, seed: int | None, budget: str) -> dict[str, Any]:
+    """What makes two runs the same run: a finished one is reused only when these match. An arm of `--arms` adds its
+    epochs (the keys of a `--ratios` run are unchanged, so sweep folders written before `--arms` still resume)."""
+    ratio = None if arm is None else arm.ratio
+    settings = {
         "model": model_args.model_name_or_path,
         "train_dataset": model_args.train_dataset,
         "diverse_dataset": args.diverse_dataset if ratio else None,
@@ -113,6 +173,9 @@ def _settings(model_args: Any, args: DSFTConfig, ratio: float | None, seed: int 
         "budget": budget if ratio is not None else None,
         "max_steps": args.max_steps if budget == "steps" and ratio is not None else None,
     }
+    if arm is not None and arm.epochs is not None:
+        settings.update(budget="epoch", max_steps=None, epochs=arm.epochs)
+    return settings
 
 
 def _finished(folder: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,30 +213,43 @@ def _release(*objects: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def training_record(trainer: Any) -> dict[str, Any]:
+    """What a run trained on, from the trainer's state and mixture record: optimizer steps, epochs gone through, rows
+    per source, and downstream row-visits (downstream rows x epochs; the sampler shuffles, so part of an epoch sees
+    about that share of the rows)."""
+    rows = {source: stats.get("rows") for source, stats in trainer.mixture["sources"].items()}
+    epochs = trainer.state.epoch
+    downstream = rows.get("downstream")
+    visits = None if epochs is None or downstream is None else round(downstream * epochs, 1)
+    return {"steps": trainer.state.global_step, "epochs": epochs, "rows": rows, "downstream_row_visits": visits}
+
+
 def train_and_evaluate(
     model_args: Any,
     args: DSFTConfig,
-    ratio: float,
+    arm: Arm | float,
     seed: int,
     budget: str,
     data: EvalData,
     generation_options: dict[str, Any],
     probe: bool = True,
 ) -> dict[str, Any]:
-    """Train one run of the sweep into its folder, evaluate it, write its report; return the report."""
+    """Train one run of the sweep (an arm, or a ratio at `budget`) into its folder, evaluate it, write its report;
+    return the report."""
     from .train import build_trainer
 
-    folder = run_folder(args.output_dir, ratio, seed)
-    settings = _settings(model_args, args, ratio, seed, budget)
+    arm = arm if isinstance(arm, Arm) else Arm(arm)
+    folder = run_folder(args.output_dir, arm, seed)
+    settings = _settings(model_args, args, arm, seed, budget)
     run_args = copy.copy(args)  # the caller's config is never changed
-    run_args.output_dir, run_args.diverse_ratio, run_args.seed, run_args.diverse_seed = folder, ratio, seed, seed
-    if budget == "epoch":
-        run_args.max_steps, run_args.num_train_epochs = -1, 1
+    run_args.output_dir, run_args.diverse_ratio, run_args.seed, run_args.diverse_seed = folder, arm.ratio, seed, seed
+    if arm.epochs is not None or budget == "epoch":
+        run_args.max_steps, run_args.num_train_epochs = -1, arm.epochs or 1
     started = time.perf_counter()
     try:  # bad input: one line; a failure while training keeps its traceback
         trainer = build_trainer(model_args, run_args)
     except (ValueError, OSError) as error:
-        raise SweepInputError(f"{ratio_name(ratio)}, seed {seed}: {error}") from None
+        raise SweepInputError(f"{arm.name}, seed {seed}: {error}") from None
     train_seconds = trainer.train().metrics.get("train_runtime")
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the log history, for `delia plot`
@@ -187,8 +263,7 @@ def train_and_evaluate(
         "model": {"kind": "trained", "base_model": model_args.model_name_or_path},
         "sweep": settings,
         "training": {
-            "steps": trainer.state.global_step,
-            "rows": {source: stats.get("rows") for source, stats in trainer.mixture["sources"].items()},
+            **training_record(trainer),
             "train_seconds": train_seconds,  # the optimizer steps alone
             "seconds": round(time.perf_counter() - started, 1),  # loading, training, evaluation and probe
         },
@@ -237,126 +312,6 @@ def evaluate_base(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The table and the figures
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the values that exist (std None for fewer than two)."""
-    present = [value for value in values if value is not None and not math.isnan(value)]
-    if not present:
-        return None, None
-    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
-
-
-def _metric(run: dict[str, Any], key: str) -> float | None:
-    """A run's value of a table metric: its eval summary's, or for `probe_score` its probe's mean over layers."""
-    if key != "probe_score":
-        return run["summary"].get(key)
-    layers = (run.get("probe") or {}).get("layers") or []
-    return statistics.fmean(layer["score"] for layer in layers) if layers else None
-
-
-def summarise(reports: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per ratio (and the base): runs, format learned in how many, mean and std of every metric."""
-    rows = []
-    for name, runs in reports.items():
-        row: dict[str, Any] = {
-            "run": name,
-            "runs": len(runs),
-            "format_learned": sum(bool(run["summary"].get("format_learned")) for run in runs),
-            "steps": _mean_std([run.get("training", {}).get("steps") for run in runs])[0],
-        }
-        for key, _, _ in METRICS:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([_metric(run, key) for run in runs])
-        rows.append(row)
-    return rows
-
-
-def _cell(kind: str, mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "n/a"
-    if kind == "rate":
-        text = f"{mean:.1%}" if std is None else f"{mean:.1%} ± {std * 100:.1f}"
-    elif kind == "points":
-        text = f"{mean * 100:+.1f} pts" if std is None else f"{mean * 100:+.1f} ± {std * 100:.1f} pts"
-    elif kind == "nll":
-        text = f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-    else:
-        text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-    return text
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The sweep as a markdown table: one row per ratio, mean ± std over seeds."""
-    header = ["run", "runs", "steps", "format learned"] + [label for _, label, _ in METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for row in rows:
-        steps = "" if row["steps"] is None else f"{row['steps']:g}"
-        cells = [row["run"], str(row["runs"]), steps, f"{row['format_learned']}/{row['runs']}"]
-        cells += [_cell(kind, row[f"{key}_mean"], row[f"{key}_std"]) for key, _, kind in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    return buffer.getvalue()
-
-
-def plot_metrics(
-    rows: Sequence[dict[str, Any]], folder: str, file_format: str = "png", metrics: Sequence[str] | None = None
-) -> list[str]:
-    """One bar chart per metric (a bar per ratio, error bars over seeds), each written atomically; the paths.
-
-    `file_format` is any matplotlib can write (`svg` gives text files for a README); `metrics` picks summary keys.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key, label, _ in METRICS:
-        if metrics is not None and key not in metrics:
-            continue
-        means = [row[f"{key}_mean"] for row in rows]
-        if all(mean is None for mean in means):
-            continue
-        figure, axes = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.5))
-        positions = range(len(rows))
-        axes.bar(
-            positions,
-            [math.nan if mean is None else mean for mean in means],
-            yerr=[row[f"{key}_std"] or 0.0 for row in rows],
-            capsize=4,
-            color="tab:blue",
-        )
-        axes.set_xticks(list(positions), [row["run"] for row in rows])
-        axes.set_ylabel(label)
-        axes.set_title(f"{label} by diverse ratio")
-        figure.tight_layout()
-        path = os.path.join(folder, f"sweep_{key}.{file_format}")
-        try:
-            replace_atomically(path, partial(figure.savefig, format=file_format, dpi=110), binary=True)
-        finally:
-            plt.close(figure)
-        paths.append(path)
-    return paths
-
-
-def write_tables(rows: Sequence[dict[str, Any]], folder: str) -> str:
-    """sweep.md and sweep.csv, each written atomically; returns the markdown."""
-    table = markdown_table(rows)
-    replace_atomically(os.path.join(folder, SWEEP_TABLE_FILE), lambda out: out.write(table + "\n"))
-    replace_atomically(os.path.join(folder, SWEEP_CSV_FILE), lambda out: out.write(_csv_text(rows)))
-    return table
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -364,10 +319,11 @@ def write_tables(rows: Sequence[dict[str, Any]], folder: str) -> str:
 def run_sweep(
     sweep: SweepArguments, eval_args: EvalArguments, model_args: Any, args: DSFTConfig
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every (ratio, seed) not finished yet, then write the tables and figures; the table rows."""
+    """Train and evaluate every (arm, seed) not finished yet, then write the tables and figures; the table rows."""
+    arms = sweep.plan()
     if sweep.budget == "steps" and args.max_steps <= 0:
         raise SweepInputError("--budget steps needs --max_steps > 0 (the same optimizer steps for every ratio)")
-    if any(sweep.ratios) and not args.diverse_dataset:
+    if any(arm.ratio for arm in arms) and not args.diverse_dataset:
         raise SweepInputError("ratios above 0 need a diverse cache: pass --diverse_dataset")
     seeds = sweep.seeds or [args.seed]
     exclude = eval_args.exclude_cache
@@ -387,13 +343,13 @@ def run_sweep(
     reports: dict[str, list[dict[str, Any]]] = {}
     if sweep.include_base:
         reports["base"] = [evaluate_base(model_args, args, data, generation, seeds[0])]
-    for ratio in sweep.ratios:
+    for arm in arms:
         for seed in seeds:
-            folder = run_folder(args.output_dir, ratio, seed)
-            report = _finished(folder, _settings(model_args, args, ratio, seed, sweep.budget))
+            folder = run_folder(args.output_dir, arm, seed)
+            report = _finished(folder, _settings(model_args, args, arm, seed, sweep.budget))
             if report is None:
-                report = train_and_evaluate(model_args, args, ratio, seed, sweep.budget, data, generation, sweep.probe)
-            reports.setdefault(ratio_name(ratio), []).append(report)
+                report = train_and_evaluate(model_args, args, arm, seed, sweep.budget, data, generation, sweep.probe)
+            reports.setdefault(arm.name, []).append(report)
     rows = summarise(reports)
     write_tables(rows, args.output_dir)
     for file_format in sweep.figure_formats:

@@ -12,6 +12,7 @@ from delia import load_conversations
 DATA_DIR = Path(__file__).resolve().parent.parent / "reproduce_checkpoint"
 TRAIN = DATA_DIR / "train_dataset.jsonl"
 EVAL = DATA_DIR / "eval_dataset.jsonl"
+DEMO_EVAL = DATA_DIR.parent / "delia" / "demo_data" / "eval.jsonl"
 FIELD_LABELS = ("'relatives' : ", "'user_query' : ", "'chatgpt_response' : ")
 
 
@@ -75,6 +76,19 @@ def test_yes_share(train, evaluation):
     assert 0.10 <= train_yes <= 0.20, train_yes
     eval_yes = sum(verdict(a)["hallucination"] == "yes" for _, a in evaluation)
     assert 0 < eval_yes < len(evaluation)
+
+
+def labels(pairs: list[tuple[str, str]]) -> list[str]:
+    return [verdict(assistant)["hallucination"] for _, assistant in pairs]
+
+
+def test_eval_sets_are_balanced_between_yes_and_no(evaluation):
+    """Half 'yes', half 'no', so a model that answers one label only scores 50% accuracy, not the majority's share;
+    the demo's default eval set is the first 16 rows of the reproduction's and balanced as well."""
+    assert labels(evaluation).count("yes") == labels(evaluation).count("no") == len(evaluation) // 2
+    demo = rows(DEMO_EVAL)
+    assert demo == evaluation[: len(demo)] and len(demo) == 16
+    assert labels(demo).count("yes") == labels(demo).count("no") == 8
 
 
 @pytest.mark.parametrize("split", ["train", "evaluation"])

@@ -132,6 +132,52 @@ def test_scores_match_a_hand_computed_confusion_matrix():
     assert scores.precision_yes == pytest.approx(1 / 2) and scores.recall_yes == pytest.approx(1 / 3)
     assert scores.f1_yes == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
     assert read_answer("{'hallucination': 'no'}").in_format is False  # 'thought' missing
+    # Recall: yes 1/3, no 2/4 (an unparsed answer is a miss). F1 = 2TP / (2TP + FP + FN): yes 2/5, no 4/7
+    assert scores.recall("no") == pytest.approx(2 / 4) and scores.precision("no") == pytest.approx(2 / 3)
+    assert scores.balanced_accuracy == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert scores.f1_yes == pytest.approx(2 / 5) and scores.f1_no == pytest.approx(4 / 7)
+    assert scores.macro_f1 == pytest.approx((2 / 5 + 4 / 7) / 2)
+    assert scores.answered_labels == ["yes", "no"]
+
+
+def _answers(*labels: str):
+    return [read_answer(f"{{'thought': 't', 'hallucination': '{label}'}}") for label in labels]
+
+
+def test_a_model_that_answers_one_label_only_gets_half_balanced_accuracy_whatever_the_majority():
+    # 13 'no' and 3 'yes' references, every answer 'no': accuracy is the majority's share, balanced accuracy is not
+    mostly_no = score_answers(["yes"] * 3 + ["no"] * 13, _answers(*["no"] * 16))
+    assert mostly_no.accuracy == pytest.approx(13 / 16)
+    assert mostly_no.balanced_accuracy == pytest.approx(0.5)  # recall: yes 0, no 1
+    assert mostly_no.f1_yes == 0 and mostly_no.precision_yes is None  # never says 'yes': F1 0, precision undefined
+    assert mostly_no.f1_no == pytest.approx(26 / 29) and mostly_no.macro_f1 == pytest.approx(13 / 29)
+    assert mostly_no.answered_labels == ["no"]
+    # The same model on a balanced set: accuracy and balanced accuracy agree at 50%, macro-F1 (0 + 2/3) / 2
+    balanced = score_answers(["yes", "no"] * 8, _answers(*["no"] * 16))
+    assert balanced.accuracy == balanced.balanced_accuracy == pytest.approx(0.5)
+    assert balanced.macro_f1 == pytest.approx(1 / 3)
+    # Always 'yes' mirrors it
+    always_yes = score_answers(["yes"] * 3 + ["no"] * 13, _answers(*["yes"] * 16))
+    assert always_yes.accuracy == pytest.approx(3 / 16) and always_yes.balanced_accuracy == pytest.approx(0.5)
+    assert always_yes.answered_labels == ["yes"] and always_yes.f1_no == 0
+
+
+def test_balanced_accuracy_and_macro_f1_edge_cases():
+    # A perfect judge scores 1 on both
+    perfect = score_answers(["yes", "no", "no"], _answers("yes", "no", "no"))
+    assert perfect.balanced_accuracy == 1 and perfect.macro_f1 == 1
+    # Only one label in the references: the mean runs over the labels present (and predicted, for F1)
+    only_no = score_answers(["no", "no"], _answers("no", "no"))
+    assert only_no.balanced_accuracy == 1 and only_no.f1_yes is None and only_no.macro_f1 == 1
+    wrongly_yes = score_answers(["no", "no"], _answers("yes", "no"))
+    assert wrongly_yes.balanced_accuracy == pytest.approx(0.5)  # recall on 'no' alone
+    assert wrongly_yes.f1_yes == 0 and wrongly_yes.macro_f1 == pytest.approx((0 + 2 / 3) / 2)
+    # No labelled answer at all: 0, not undefined; no rows: undefined
+    prose = score_answers(["yes", "no"], [read_answer("prose"), read_answer("more prose")])
+    assert prose.balanced_accuracy == 0 and prose.macro_f1 == 0 and prose.answered_labels == []
+    empty = score_answers([], [])
+    assert empty.balanced_accuracy is None and empty.macro_f1 is None
+    assert set(perfect.as_dict()) >= {"balanced_accuracy", "macro_f1", "f1_no", "answered_labels"}
 
 
 def test_undefined_rates_are_none_not_zero():
@@ -175,7 +221,7 @@ class ScriptedBackend:
 
     name = "scripted"
 
-    def __init__(self, model, tokenizer, batch_size=16):
+    def __init__(self, model, tokenizer, batch_size=16, cpu_threads=None):
         self.answer = model  # evaluate_model passes the model first: here, a function of the user turn
 
     def prepare(self, conversations, ids):
@@ -220,6 +266,12 @@ def test_a_model_that_keeps_the_meaning_scores_full_sensitivity(monkeypatch):
     report, generations = _evaluate_scripted(monkeypatch, judge)
     summary = report["summary"]
     assert summary["n"] == 16 and summary["parse_rate"] == 1 and summary["accuracy"] == 1 and summary["f1_yes"] == 1
+    assert (
+        summary["balanced_accuracy"] == 1 and summary["macro_f1"] == 1 and summary["answered_labels"] == ["yes", "no"]
+    )
+    from delia.evaluation.report import format_report
+
+    assert "note:" not in format_report({**report, "target": "m", "model": {"kind": "model"}})
     assert summary["dict_rate_follow"] == 1 and summary["dict_rate_do_not"] == 0 and summary["sensitivity"] == 1
     assert report["contrast"]["verdict"].startswith("keeps the instruction's meaning")
     assert report["contrast"]["opens_dict_rate_follow"] == 1 and report["contrast"]["opens_dict_rate_do_not"] == 0
@@ -234,6 +286,14 @@ def test_a_model_that_fits_the_surface_scores_no_sensitivity(monkeypatch):
     assert report["contrast"]["verdict"].startswith("fits the surface")
     assert summary["accuracy"] == pytest.approx(report["follow"]["confusion"]["no"]["no"] / 16)
     assert report["follow"]["recall_yes"] == 0 and report["follow"]["precision_yes"] is None
+    # A constant 'no' is no judgement: balanced accuracy 50%, macro-F1 (0 + 2/3) / 2 on the balanced set, flagged
+    assert summary["balanced_accuracy"] == 0.5 and summary["macro_f1"] == pytest.approx(1 / 3)
+    assert summary["answered_labels"] == ["no"] and summary["f1_yes"] == 0
+    from delia.evaluation.report import format_report
+
+    printed = format_report({**report, "target": "m", "model": {"kind": "model"}})
+    assert "balanced accuracy       50.0%" in printed and "macro-F1                0.333" in printed
+    assert "note: every labelled answer was 'no': accuracy is that label's share of the references" in printed
 
 
 def test_delia_eval_on_a_tiny_model_writes_a_consistent_report(tmp_path, capsys):
@@ -352,6 +412,9 @@ def test_compare_prints_the_reports_side_by_side(tmp_path, capsys):
     assert rows["parse rate"] == ["0.0%", "90.0% |"] and rows["F1 (yes)"] == ["n/a", "n/a |"]
     assert rows["sensitivity"] == ["+0.0 pts", "+80.0 pts |"] and rows["format learned"] == ["NO", "yes |"]
     assert rows["general NLL/token"] == ["2.2500", "2.5000 |"] and rows["n"] == ["30", "30 |"]
+    # Reports written before balanced accuracy, macro-F1 and the labels answered existed: n/a, not an error
+    assert rows["balanced accuracy"] == ["n/a", "n/a |"] and rows["macro-F1"] == ["n/a", "n/a |"]
+    assert rows["labels answered"] == ["n/a", "n/a |"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -362,21 +425,30 @@ def test_compare_prints_the_reports_side_by_side(tmp_path, capsys):
 def test_sweep_table_gives_mean_and_std_over_seeds():
     from delia.sweep import markdown_table, summarise
 
-    def run(parse_rate, nll, learned, steps=10, probe=None):
+    def run(parse_rate, nll, learned, training=None, probe=None):
         summary = {"parse_rate": parse_rate, "general_nll": nll, "format_learned": learned, "f1_yes": None}
         layers = None if probe is None else {"layers": [{"layer": i, "score": score} for i, score in enumerate(probe)]}
-        return {"summary": summary, "training": {"steps": steps}, "probe": layers}
+        return {"summary": summary, "training": training, "probe": layers}
 
-    ratio_20 = [run(0.5, 2.1, True, probe=[0.0, 0.4]), run(0.7, 2.3, False, probe=[0.0, 0.8])]
-    rows = summarise({"base": [run(0.0, 2.0, False)], "ratio-20": ratio_20})
+    trained = {"steps": 10, "epochs": 0.5, "downstream_row_visits": 24.0}
+    ratio_20 = [run(0.5, 2.1, True, trained, probe=[0.0, 0.4]), run(0.7, 2.3, False, trained, probe=[0.0, 0.8])]
+    old = run(0.1, 2.5, False, {"steps": 10})  # a report written before epochs and row-visits were recorded
+    rows = summarise({"base": [run(0.0, 2.0, False)], "ratio-20": ratio_20, "ratio-0": [old]})
     assert rows[1]["runs"] == 2 and rows[1]["format_learned"] == 1 and rows[1]["steps"] == 10
+    assert rows[1]["epochs"] == 0.5 and rows[1]["downstream_row_visits"] == 24
     assert rows[1]["parse_rate_mean"] == pytest.approx(0.6) and rows[1]["parse_rate_std"] == pytest.approx(
         0.1414, abs=1e-4
     )
     assert rows[0]["parse_rate_std"] is None and rows[1]["f1_yes_mean"] is None
     table = markdown_table(rows).splitlines()
-    assert table[3].startswith("| ratio-20 | 2 | 10 | 1/2 | 60.0% ± 14.1 |") and "2.2000 ± 0.1414" in table[3]
-    assert "| n/a |" in table[3]  # F1 measured in no run
+    assert table[0].startswith("| run | runs | steps | epochs | downstream row-visits | format learned | parse rate |")
+    assert "| accuracy | balanced accuracy | macro-F1 | F1 (yes) |" in table[0]
+    assert (
+        table[3].startswith("| ratio-20 | 2 | 10 | 0.5 | 24 | 1/2 | 60.0% ± 14.1 |") and "2.2000 ± 0.1414" in table[3]
+    )
+    assert table[2].startswith("| base | 1 |  |  |  | 0/1 |")  # the base model trains nothing
+    assert table[4].startswith("| ratio-0 | 1 | 10 |  |  | 0/1 | 10.0% |")  # not recorded: blank, not 0
+    assert "| n/a |" in table[3]  # F1 measured in no run; balanced accuracy absent from these summaries
     assert rows[0]["probe_score_mean"] is None  # the base model is not probed
     assert rows[1]["probe_score_mean"] == pytest.approx(0.3) and table[3].endswith("| 0.300 ± 0.141 |")
 
@@ -410,6 +482,9 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
         assert reports[ratio]["seen_unseen"] == {"seen": None, "unseen": reports[ratio]["follow"]}  # bundled phrasings
     mixture = json.loads((output / "ratio-1" / "seed-3" / "delia_mixture.json").read_text())
     assert mixture["sources"]["diverse"]["rows"] == 8 and mixture["diverse_seed"] == 3
+    # The same 2 steps of 4 rows: one epoch over ratio 0's 8 rows, half an epoch over ratio 1's 16 (8 downstream)
+    assert reports["0"]["training"]["epochs"] == 1 and reports["0"]["training"]["downstream_row_visits"] == 8
+    assert reports["1"]["training"]["epochs"] == 0.5 and reports["1"]["training"]["downstream_row_visits"] == 4
     assert "diverse" not in json.loads((output / "ratio-0" / "seed-3" / "delia_mixture.json").read_text())["sources"]
 
     table = (output / "sweep.md").read_text().splitlines()
@@ -442,6 +517,136 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
     ]
     assert main(changed) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_compare_shows_balanced_accuracy_macro_f1_and_the_labels_answered(tmp_path):
+    from delia.evaluation.report import compare_reports
+
+    folders = []
+    for name, answered in (("always-no", ["no"]), ("judge", ["yes", "no"]), ("prose", [])):
+        summary = {"accuracy": 0.8125, "balanced_accuracy": 0.5, "macro_f1": 13 / 29, "answered_labels": answered}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_report.json").write_text(json.dumps({"summary": summary}))
+        folders.append(str(tmp_path / name))
+    table = compare_reports(folders, ["a", "b", "c"])
+    assert "| balanced accuracy | 50.0% | 50.0% | 50.0% |" in table and "| macro-F1 | 0.448 | 0.448 | 0.448 |" in table
+    assert "| labels answered | no only | yes, no | none |" in table
+
+
+def test_sweep_trains_each_arm_its_own_epochs_and_records_steps_and_row_visits(tmp_path, monkeypatch, capsys):
+    import delia.train
+    from delia.cli import main
+    from delia.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "chatml")
+    train = write_jsonl(tmp_path / "train.jsonl", downstream_rows(4))
+    cache = write_jsonl(tmp_path / "cache.jsonl", diverse_rows(8))
+    queries = write_jsonl(tmp_path / "queries.jsonl", diverse_rows(10))
+    output = tmp_path / "sweep"
+    command = ["sweep", "--model_name_or_path", str(model), "--train_dataset", str(train)]
+    command += ["--diverse_dataset", str(cache), "--arms", "0:1", "0:2", "1:1", "--seeds", "3", "--max_steps", "5"]
+    command += ["--per_device_train_batch_size", "4", "--lora_r", "4", "--output_dir", str(output), "--limit", "2"]
+    command += ["--max_new_tokens", "4", "--general_queries", str(queries), "--include_base", "false"]
+    command += ["--probe", "false", "--report_to", "none", "--save_strategy", "no", "--gradient_checkpointing", "false"]
+    assert main(command) == 0
+    capsys.readouterr()
+
+    # Each arm trains its own epochs over its mixture (--max_steps does not apply): 4 downstream rows, batches of 4
+    expected = {  # arm: (steps, epochs, downstream row-visits, diverse rows)
+        "ratio-0-epochs-1": (1, 1, 4, None),
+        "ratio-0-epochs-2": (2, 2, 8, None),
+        "ratio-1-epochs-1": (2, 1, 4, 4),
+    }
+    for name, (steps, epochs, visits, diverse) in expected.items():
+        report = json.loads((output / name / "seed-3" / "eval_report.json").read_text())
+        training = report["training"]
+        assert training["steps"] == steps and training["epochs"] == pytest.approx(epochs)
+        assert training["downstream_row_visits"] == pytest.approx(visits)
+        assert training["rows"]["downstream"] == 4 and training["rows"].get("diverse") == diverse
+        assert report["sweep"]["epochs"] == epochs and report["sweep"]["budget"] == "epoch"
+        assert report["sweep"]["max_steps"] is None and report["sweep"]["ratio"] == float(name.split("-")[1])
+    table = (output / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| run | runs | steps | epochs | downstream row-visits | format learned |")
+    assert [line.split(" | ")[:5] for line in table[2:]] == [
+        ["| ratio-0-epochs-1", "1", "1", "1", "4"],
+        ["| ratio-0-epochs-2", "1", "2", "2", "8"],
+        ["| ratio-1-epochs-1", "1", "2", "1", "4"],
+    ]
+    csv_header = (output / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert {"steps", "epochs", "downstream_row_visits", "balanced_accuracy_mean", "macro_f1_mean"} <= set(csv_header)
+
+    # Resume: every arm is finished, so nothing trains again
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(delia.train, "build_trainer", no_training)
+    assert main(command) == 0
+    assert (output / "sweep.md").read_text().splitlines() == table
+    capsys.readouterr()
+
+    # An arm's epochs are part of its settings: a folder that records other epochs is refused, not reused
+    path = output / "ratio-0-epochs-2" / "seed-3" / "eval_report.json"
+    report = json.loads(path.read_text())
+    report["sweep"]["epochs"] = 3
+    path.write_text(json.dumps(report))
+    assert main(command) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--arms", "0:1", "--ratios", "0"],
+            "give --ratios (one budget for all) or --arms (RATIO:EPOCHS each), not both",
+        ),
+        (["--arms", "0:1", "--budget", "steps"], "--arms gives each arm its epochs; --budget steps does not apply"),
+        (["--arms", "0-3"], "--arms: '0-3' is not RATIO:EPOCHS"),
+        (["--arms=-1:1"], "--arms: '-1:1' is not RATIO:EPOCHS with RATIO >= 0"),
+        (["--arms", "0:0"], "--arms: '0:0' has '0' epochs; expected a number above 0"),
+        (["--arms", "0:nan"], "--arms: '0:nan' has 'nan' epochs"),
+        (["--arms", "0:1", "0:1.0"], "--arms lists 0:1 more than once"),
+        ([], "give --ratios, e.g. --ratios 0 20 67 260, or --arms RATIO:EPOCHS"),
+    ],
+)
+def test_sweep_arms_refuse_bad_input_in_one_line(options, message, tmp_path, capsys):
+    from delia.cli import main
+
+    output = tmp_path / "sweep"
+    command = [
+        "sweep",
+        "--model_name_or_path",
+        "m",
+        "--train_dataset",
+        "t.jsonl",
+        "--output_dir",
+        str(output),
+        *options,
+    ]
+    assert main(command) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not output.exists()
+
+
+def test_sweep_ratios_keep_their_folders_and_settings():
+    """--ratios runs keep the folder names and settings keys of sweeps written before --arms, so those resume."""
+    from types import SimpleNamespace
+
+    from delia.sweep import Arm, SweepArguments, _settings, run_folder
+
+    model_args = SimpleNamespace(model_name_or_path="m", train_dataset="t.jsonl")
+    args = SimpleNamespace(diverse_dataset="c.jsonl", max_steps=30)
+    assert run_folder("out", 4.0, 0) == run_folder("out", Arm(4.0), 0) == "out/ratio-4/seed-0"
+    assert run_folder("out", Arm(0.0, 3.0), 1) == "out/ratio-0-epochs-3/seed-1"
+    assert _settings(model_args, args, Arm(4.0), 0, "steps") == {
+        "model": "m", "train_dataset": "t.jsonl", "diverse_dataset": "c.jsonl", "ratio": 4.0, "seed": 0,
+        "budget": "steps", "max_steps": 30,
+    }  # fmt: skip
+    assert _settings(model_args, args, Arm(0.0, 3.0), 0, "epoch")["epochs"] == 3.0
+    sweep = SweepArguments(ratios=[0, 20], budget="epoch")
+    assert sweep.plan() == [Arm(0.0), Arm(20.0)] and SweepArguments(ratios=[1]).budget == "steps"
+    assert SweepArguments(arms=["0:1", "30:1"]).budget == "epoch"
 
 
 def test_compare_says_when_the_general_nlls_are_over_different_queries(tmp_path):

@@ -61,16 +61,46 @@ def report(**summary) -> dict:
 
 
 def test_verdict_says_which_way_each_measure_went():
-    sft = report(format_learned=True, dict_rate_follow=0.5, accuracy=0.5, sensitivity=0.1, general_nll=2.0)
-    delia = report(format_learned=True, dict_rate_follow=0.75, accuracy=0.25, sensitivity=0.5, general_nll=1.9)
+    sft = report(
+        format_learned=True, dict_rate_follow=0.5, accuracy=0.8, balanced_accuracy=0.5, sensitivity=0.1,
+        general_nll=2.0, answered_labels=["yes", "no"],
+    )  # fmt: skip
+    delia = report(
+        format_learned=True, dict_rate_follow=0.75, accuracy=0.5, balanced_accuracy=0.25, sensitivity=0.5,
+        general_nll=1.9, answered_labels=["yes", "no"],
+    )  # fmt: skip
     line = verdict_line(sft, delia, report(general_nll=1.8))
     assert "better on 3 of 4" in line
-    assert "format 50% -> 75% (DELIA better)" in line and "label accuracy 50% -> 25% (SFT better)" in line
+    assert "format 50% -> 75% (DELIA better)" in line and "balanced accuracy 50% -> 25% (SFT better)" in line
     assert "general NLL 2.000 -> 1.900 (DELIA better)" in line and "base model's general NLL 1.800" in line
+    assert "label accuracy" not in line and "80%" not in line  # plain accuracy is not what the verdict counts
+    assert "answered only" not in line  # both runs gave both labels
     none = verdict_line(
         report(format_learned=False, dict_rate_follow=0.1), report(format_learned=False, dict_rate_follow=0.0)
     )
     assert "neither run learned the <sep> format" in none and "says nothing" in none
+
+
+def test_verdict_uses_balanced_accuracy_and_names_a_run_that_answers_one_label_only():
+    # SFT always says 'no' on a mostly-'no' set: higher plain accuracy, yet no judgement; DELIA judges a little
+    sft = report(
+        format_learned=True, dict_rate_follow=1.0, accuracy=0.8125, balanced_accuracy=0.5, sensitivity=0.0,
+        general_nll=2.0, answered_labels=["no"],
+    )  # fmt: skip
+    delia = report(
+        format_learned=True, dict_rate_follow=1.0, accuracy=0.6875, balanced_accuracy=0.6, sensitivity=0.0,
+        general_nll=2.0, answered_labels=["yes", "no"],
+    )  # fmt: skip
+    line = verdict_line(sft, delia)
+    assert "balanced accuracy 50% -> 60% (DELIA better)" in line
+    assert "SFT answered only 'no': a constant answer, not a judgement" in line and "DELIA answered" not in line
+    both = verdict_line(
+        report(format_learned=True, dict_rate_follow=1.0, balanced_accuracy=0.5, answered_labels=["no"]),
+        report(format_learned=True, dict_rate_follow=0.9, balanced_accuracy=0.0, answered_labels=[]),
+    )
+    assert "SFT answered only 'no' and DELIA answered no yes/no label at all" in both
+    # Reports written before the labels answered were recorded: no claim either way
+    assert "answered" not in verdict_line(report(format_learned=True), report(format_learned=True))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ the same prompt with its instruction swapped for each DO-NOT instruction; all gr
 `delia.generation`. The report (`eval_report.json` in the run folder, written atomically, next to
 `eval_generations.jsonl` with every answer) holds:
 
-- format adherence (parse rate), label accuracy, precision / recall / F1 for 'yes', the confusion matrix;
+- format adherence (parse rate), label accuracy, balanced accuracy (mean recall over yes and no) and macro-F1 beside
+  it (on a mostly-'no' set accuracy can be the majority share), precision / recall / F1 for 'yes', the confusion
+  matrix, and which labels the model gave at all;
 - the same per instruction phrasing, and for phrasings seen in training vs unseen (given the training set);
 - the `<sep>` contrast: dict rate when told to follow and when told not to, instruction sensitivity, a verdict;
 - retained general ability: mean NLL per token of reference answers to held-out general queries.
@@ -126,7 +128,10 @@ def _summary(n: int, scores: Any, contrast: dict[str, Any], general: dict[str, A
         "n": n,
         "parse_rate": scores.parse_rate,
         "accuracy": scores.accuracy,
+        "balanced_accuracy": scores.balanced_accuracy,
+        "macro_f1": scores.macro_f1,
         "f1_yes": scores.f1_yes,
+        "answered_labels": scores.answered_labels,
         "dict_rate_follow": contrast["dict_rate_follow"],
         "dict_rate_do_not": contrast["dict_rate_do_not"],
         "sensitivity": contrast["sensitivity"],

@@ -3,6 +3,10 @@
 An answer *follows the format* when `parse_structured` finds a dict in it with the keys 'thought' and
 'hallucination'. Its label is the 'hallucination' value, normalised (case and whitespace); an answer out of format,
 or with a label other than yes / no, lands in the "unparsed" column of the confusion matrix and counts as wrong.
+
+Accuracy alone can mislead: on a set that is mostly 'no', a model that always answers 'no' scores the majority
+share. Balanced accuracy (the mean recall over the labels the references hold) and macro-F1 (the mean F1 over the
+labels) give such a model 50% and at most about 0.5; `answered_labels` says which labels a model gave at all.
 """
 
 from __future__ import annotations
@@ -82,20 +86,54 @@ class LabelScores:
         """Correct labels over the answers that have one."""
         return _ratio(self.correct, self.labelled)
 
+    def precision(self, label: str) -> float | None:
+        """Of the answers labelled `label`, the share whose reference is `label` (None when none is)."""
+        return _ratio(self.confusion[label][label], sum(self.confusion[reference][label] for reference in LABELS))
+
+    def recall(self, label: str) -> float | None:
+        """Of the references labelled `label`, the share answered `label` (an unparsed answer is a miss)."""
+        return _ratio(self.confusion[label][label], sum(self.confusion[label].values()))
+
+    def f1(self, label: str) -> float | None:
+        """2·TP / (2·TP + FP + FN): 0 for a label the references hold but the model never gives (or only wrongly);
+        None only when the label is neither in the references nor among the answers."""
+        true_positive = self.confusion[label][label]
+        false_positive = sum(self.confusion[reference][label] for reference in LABELS if reference != label)
+        false_negative = sum(self.confusion[label].values()) - true_positive
+        return _ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative)
+
     @property
     def precision_yes(self) -> float | None:
-        return _ratio(self.confusion["yes"]["yes"], self.confusion["yes"]["yes"] + self.confusion["no"]["yes"])
+        return self.precision("yes")
 
     @property
     def recall_yes(self) -> float | None:
-        return _ratio(self.confusion["yes"]["yes"], sum(self.confusion["yes"].values()))
+        return self.recall("yes")
 
     @property
     def f1_yes(self) -> float | None:
-        precision, recall = self.precision_yes, self.recall_yes
-        if precision is None or recall is None:
-            return None
-        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return self.f1("yes")
+
+    @property
+    def f1_no(self) -> float | None:
+        return self.f1("no")
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """The mean recall over the labels the references hold: at most 50% for a model that answers one label only."""
+        recalls = [recall for recall in map(self.recall, LABELS) if recall is not None]
+        return sum(recalls) / len(recalls) if recalls else None
+
+    @property
+    def macro_f1(self) -> float | None:
+        """The mean F1 over the labels in the references or the answers (0 for one that is never answered right)."""
+        scores = [score for score in map(self.f1, LABELS) if score is not None]
+        return sum(scores) / len(scores) if scores else None
+
+    @property
+    def answered_labels(self) -> list[str]:
+        """The yes/no labels the model gave at least once, in LABELS order (one label only: a constant answer)."""
+        return [label for label in LABELS if any(self.confusion[reference][label] for reference in LABELS)]
 
     def as_dict(self) -> dict[str, Any]:
         """Counts and rates, as written to the report."""
@@ -106,9 +144,13 @@ class LabelScores:
             "parse_rate": self.parse_rate,
             "accuracy": self.accuracy,
             "accuracy_labelled": self.accuracy_labelled,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_f1": self.macro_f1,
             "precision_yes": self.precision_yes,
             "recall_yes": self.recall_yes,
             "f1_yes": self.f1_yes,
+            "f1_no": self.f1_no,
+            "answered_labels": self.answered_labels,
             "confusion": self.confusion,
         }
 

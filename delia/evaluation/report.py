@@ -11,11 +11,14 @@ from ..data import DataFormatError
 from ..io import read_json
 from ..run_files import EVAL_REPORT_FILE
 
-#: The rows of the comparison table: (summary key, label).
+#: The rows of the comparison table: (summary key, label). A report written before a key existed shows n/a there.
 SUMMARY_ROWS = (
     ("parse_rate", "parse rate"),
     ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro-F1"),
     ("f1_yes", "F1 (yes)"),
+    ("answered_labels", "labels answered"),
     ("dict_rate_follow", "dict rate, follow"),
     ("dict_rate_do_not", "dict rate, DO-NOT"),
     ("sensitivity", "sensitivity"),
@@ -38,13 +41,24 @@ def _cell(key: str, value: Any) -> str:
         return "yes" if value else "NO"
     if key == "sensitivity":
         return f"{value * 100:+.1f} pts"
-    if key == "f1_yes":
+    if key in ("f1_yes", "macro_f1"):
         return f"{value:.3f}"
+    if key == "answered_labels":
+        return "none" if not value else f"{value[0]} only" if len(value) == 1 else ", ".join(value)
     if key == "general_nll":
         return f"{value:.4f}"
     if isinstance(value, float):
         return _percent(value)
     return str(value)
+
+
+def one_label_note(answered: Sequence[str] | None) -> str | None:
+    """A warning when a model gave one label only (or none): its accuracy is then a label's share, not a judgement."""
+    if answered is None or len(answered) > 1:
+        return None
+    if not answered:
+        return "no answer gave a yes/no label"
+    return f"every labelled answer was {answered[0]!r}: accuracy is that label's share of the references"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -57,6 +71,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"  format (parse rate)   {_percent(scores['parse_rate']):>7}  ({scores['in_format']}/{scores['n']})",
         f"  accuracy              {_percent(scores['accuracy']):>7}  ({scores['correct']}/{scores['n']}; "
         f"{_percent(scores['accuracy_labelled'])} of the answers with a yes/no label)",
+        f"  balanced accuracy     {_percent(scores.get('balanced_accuracy')):>7}  (mean recall over yes and no)",
+        f"  macro-F1              {_cell('macro_f1', scores.get('macro_f1')):>7}  (F1 yes {_cell('f1_yes', scores['f1_yes'])}, "
+        f"no {_cell('f1_yes', scores.get('f1_no'))})",
         f"  F1 (yes)              {_cell('f1_yes', scores['f1_yes']):>7}  (precision "
         f"{_cell('f1_yes', scores['precision_yes'])}, recall {_cell('f1_yes', scores['recall_yes'])})",
         "  confusion (rows: reference; columns: predicted)",
@@ -65,6 +82,9 @@ def format_report(report: dict[str, Any]) -> str:
     for reference in ("yes", "no"):
         row = confusion[reference]
         lines.append(f"  {reference:>10}{row['yes']:>8}{row['no']:>8}{row['unparsed']:>10}")
+    one_label = one_label_note(scores.get("answered_labels"))
+    if one_label:
+        lines.append(f"  note: {one_label}")
     lines += [
         "  <sep> contrast        follow  DO-NOT",
         f"  dict rate             {_percent(contrast['dict_rate_follow']):>6}  {_percent(contrast['dict_rate_do_not']):>6}"

@@ -30,7 +30,17 @@ from .report import PhaseContext
 from .staged import prepare_model
 from .training import Deadline, config, losses, quiet
 
-SUMMARY_KEYS = ("parse_rate", "accuracy", "dict_rate_follow", "dict_rate_do_not", "sensitivity", "general_nll")
+SUMMARY_KEYS = (
+    "parse_rate",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "answered_labels",
+    "dict_rate_follow",
+    "dict_rate_do_not",
+    "sensitivity",
+    "general_nll",
+)
 
 
 def model_path(ctx: PhaseContext) -> str:
