@@ -9,13 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from .run_files import MIXTURE_FILE, PROBE_PREFIX, RUN_MARKER
 
 
 def has_accelerator() -> bool:
     """Whether torch sees a GPU or another accelerator."""
+    import torch  # here, not at the top: the commands' option modules import this module before torch is needed
+
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
@@ -24,6 +24,8 @@ def has_accelerator() -> bool:
 
 def default_device() -> str:
     """ "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -42,6 +44,8 @@ def leave_process_group() -> None:
     forever on that same thread (pytorch/pytorch#190489). So: free what still holds the group (DDP's reducer),
     let the worker threads finish, then destroy it, as `Accelerator.end_training` does.
     """
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     gc.collect()
