@@ -46,6 +46,8 @@ def _read_json(path: Path) -> Any:
 def read_log_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The Trainer's log history of a run folder (see the module docstring for where it is looked for)."""
     folder = Path(run_dir)
+    if not folder.exists():
+        raise FileNotFoundError(f"{run_dir}: no such folder (expected a run folder of delia train / delia demo)")
     if not folder.is_dir():
         raise ValueError(f"{run_dir}: not a folder (expected a run folder of delia train / delia demo)")
     checkpoints = sorted(
