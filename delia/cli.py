@@ -32,13 +32,16 @@ COMMANDS: dict[str, str] = {
 
 #: The commands whose module imports torch at the top, and the light module whose `argument_parser()` builds the same
 #: parser: `--help` and a mistyped option are answered from it before the command's module (and torch) is imported.
-#: The other commands' modules are light themselves (tests/test_fast_start.py checks both). `train` and `sweep` read
-#: a TRL `SFTConfig` subclass, so their options need trl and transformers whatever is done here.
+#: The other commands' modules are light themselves (tests/test_fast_start.py checks both).
 PARSERS: dict[str, str] = {
     "build-cache": "delia.build_cache_config",
     "eval": "delia.evaluation.eval_config",
     "probe": "delia.evaluation.probe_config",
 }
+#: The commands whose options are a TRL `SFTConfig` subclass (`DSFTConfig`): listing them needs trl, transformers and
+#: torch (5-10 s on a busy 2-core machine), so only their `--config` recipe is checked before those load. A static
+#: or cached list of TRL's option names could refuse a valid option after an upgrade; it is not attempted.
+RECIPE_COMMANDS = ("train", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     command, options = argv[0], argv[1:]
     if command in PARSERS:  # argparse's own checks only (help, unknown options, types); the command checks the rest
         importlib.import_module(PARSERS[command]).argument_parser().parse_args(options)
+    if command in RECIPE_COMMANDS:
+        from .command_line import check_recipe_argument
+
+        try:
+            check_recipe_argument(options)
+        except (ValueError, OSError) as error:
+            print(f"delia {command}: error: {error}", file=sys.stderr)
+            return 2
     return importlib.import_module(COMMANDS[command]).main(options)
 
 

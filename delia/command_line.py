@@ -169,12 +169,21 @@ def _check_recipe(path: str) -> None:
         raise ValueError(f"{path}: expected a YAML mapping of option: value, got {type(recipe).__name__}")
 
 
+def check_recipe_argument(argv: list[str]) -> None:
+    """Raise one line (ValueError / OSError) for a `--config` recipe in `argv` that is missing or not a YAML mapping.
+
+    Needs only yaml, so `delia train` and `delia sweep` (whose options need trl) report a bad recipe before trl loads.
+    """
+    recipe = _recipe_path(argv)
+    if recipe is not None:
+        _check_recipe(recipe)
+
+
 def parse_with_recipe(parser: Any, argv: list[str] | None) -> tuple[Any, ...]:
     """`TrlParser.parse_args_and_config` with a checked recipe: a bad file or an unknown key is one line naming it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     recipe = _recipe_path(argv)
-    if recipe is not None:
-        _check_recipe(recipe)
+    check_recipe_argument(argv)
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as error:

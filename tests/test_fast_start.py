@@ -78,7 +78,9 @@ def test_a_bad_value_of_a_heavy_command_is_answered_by_its_light_parser():
 
 def test_train_and_sweep_still_report_a_typo_in_one_line():
     """Their `DSFTConfig` is TRL's `SFTConfig`: trl loads before the options are read (documented, not hidden)."""
-    outcome, _, stderr = run_delia(["train", "--model_name_or_path", "m", "--train_dataset", "t", "--lerning_rate", "1"])
+    outcome, _, stderr = run_delia(
+        ["train", "--model_name_or_path", "m", "--train_dataset", "t", "--lerning_rate", "1"]
+    )
     assert outcome["status"] == 2 and "trl" in outcome["heavy"]
     assert stderr.strip().splitlines()[-1].startswith("delia train: error:") and "--lerning_rate" in stderr
 
@@ -182,3 +184,13 @@ def test_the_commands_dataclasses_read_as_before():
         ours = DataclassParser(kind).parse_args_into_dataclasses(argv)
         theirs = HfArgumentParser(kind).parse_args_into_dataclasses(argv, look_for_args_file=False)
         assert [dataclasses.asdict(o) for o in ours] == [dataclasses.asdict(t) for t in theirs], kind.__name__
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_missing_recipe_is_one_line_before_trl(command, tmp_path):
+    outcome, printed, stderr = run_delia([command, "--config", str(tmp_path / "recipe.yaml")])
+    assert outcome == {"status": 2, "heavy": []}, (outcome, stderr)
+    assert (
+        stderr
+        == f"delia {command}: error: --config {str(tmp_path / 'recipe.yaml')!r}: no such file; expected a YAML recipe\n"
+    )
