@@ -3,7 +3,7 @@
     python benchmarks/cli_start.py                      # this checkout, every command, 5 runs each
     python benchmarks/cli_start.py --against ../old     # side by side with another checkout, and the ratio
 
-Each run is `python -m delia.cli COMMAND ...` in a new process with PYTHONPATH set to the checkout, so the figures
+Each run is `python -m delia.cli COMMAND ...` in a new process started in the checkout, so the figures
 include the interpreter's start. On a shared machine the absolute times move with the load: compare columns measured
 in the same call, not across calls.
 """
@@ -33,7 +33,8 @@ CASES = {
 def wall_time(checkout: Path, argv: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "delia.cli", *argv], env=env, capture_output=True, check=False)
+    # run from the checkout: `-m` puts the working folder first on sys.path
+    subprocess.run([sys.executable, "-m", "delia.cli", *argv], env=env, cwd=checkout, capture_output=True, check=False)
     return time.perf_counter() - started
 
 
