@@ -378,7 +378,8 @@ def test_sweep_table_gives_mean_and_std_over_seeds():
     assert table[3].startswith("| ratio-20 | 2 | 10 | 1/2 | 60.0% ± 14.1 |") and "2.2000 ± 0.1414" in table[3]
     assert "| n/a |" in table[3]  # F1 measured in no run
     assert rows[0]["probe_score_mean"] is None  # the base model is not probed
-    assert rows[1]["probe_score_mean"] == pytest.approx(0.3) and table[3].endswith("| 0.300 ± 0.141 |")
+    # the probe's summary score: the mean over the upper half of the blocks (here the one block: 0.4 and 0.8)
+    assert rows[1]["probe_score_mean"] == pytest.approx(0.6) and table[3].endswith("| 0.600 ± 0.283 |")
 
 
 def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
