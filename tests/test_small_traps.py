@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import downstream_rows, write_jsonl
 
 import delia
 from delia.cli import main
@@ -93,7 +93,7 @@ def test_probe_build_cache_and_plot_name_a_missing_path_at_once(tiny_model_dir, 
 def test_training_data_paths_fail_at_once(in_a_project, hub_calls):
     from delia.data import prepare_datasets
 
-    rows = write_jsonl(in_a_project / "runs" / "rows.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 2)
+    rows = write_jsonl(in_a_project / "runs" / "rows.jsonl", downstream_rows(4))
     for train, diverse, eval_set, named in (
         ("runs/trian", None, None, "runs/trian"),
         (str(rows), "runs/cahce", None, "runs/cahce"),
@@ -165,15 +165,8 @@ def test_enable_logging_adds_one_handler_and_sets_the_level(delia_logger):
 
 def test_a_plain_script_shows_delias_lines_once_logging_is_enabled(tiny_model_dir):
     """In a fresh interpreter: a line logged before `enable_logging()` is not shown, one logged after it is."""
-    script = (
-        "import delia\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({str(tiny_model_dir)!r})\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})\n"
-        "delia.add_new_tokens(tokenizer, model, ['<before>'])\n"
-        "delia.enable_logging()\n"
-        "delia.add_new_tokens(tokenizer, model, ['<after>'])\n"
-    )
+    load = f"delia.setup_tokenizer_and_model({str(tiny_model_dir)!r}, quantization=None, new_tokens=[{{!r}}])\n"
+    script = "import delia\n" + load.format("<before>") + "delia.enable_logging()\n" + load.format("<after>")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
