@@ -2,6 +2,9 @@
 
 `import delia` is cheap: the public names below are imported from their modules on first use (PEP 562), so the
 `delia` command and `delia --help` do not pay for torch, transformers, trl and peft before they need them.
+
+In a script, `delia.enable_logging()` shows delia's own log lines (the mixture summary, "final reply only", the CPU
+defaults it chose), which the `delia` commands print and plain Python leaves out.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ if TYPE_CHECKING:  # real imports for type checkers and IDEs; at run time `__get
     from .modeling import add_new_tokens, setup_tokenizer_and_model
     from .models import resolve_model
     from .per_source import SourceTaggingCollator
+    from .runtime import enable_logging
     from .sweep import run_sweep
     from .trainer import DSFTTrainer
 
@@ -59,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "add_new_tokens": "delia.modeling",
     "setup_tokenizer_and_model": "delia.modeling",
     "resolve_model": "delia.models",
+    "enable_logging": "delia.runtime",
     "get_peft_config": "delia.lora",
     "MixtureMismatchError": "delia.integrity",
     "build_cache": "delia.build_cache",
@@ -89,6 +94,7 @@ __all__ = [
     "add_new_tokens",
     "build_cache",
     "compare_reports",
+    "enable_logging",
     "evaluate",
     "evaluate_model",
     "get_peft_config",

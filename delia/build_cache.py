@@ -30,7 +30,7 @@ from typing import Any
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .build_cache_config import BuildCacheArguments
+from .build_cache_config import BuildCacheArguments, argument_parser
 from .cache_writer import CacheWriter, done_ids, merge_shards, shard_path, shard_paths
 from .data.queries import Query, load_queries, repeat_queries
 from .generation.base import Backend, Conversation, Generation, SamplingConfig
@@ -334,24 +334,6 @@ def build_cache(
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line: `delia build-cache MODEL QUERIES OUTPUT [options]` and `accelerate launch -m delia.build_cache ...`
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def argument_parser() -> Any:
-    """The `delia build-cache` parser: three positionals, then every `BuildCacheArguments` field in both spellings."""
-    from .command_line import command_parser
-
-    parser = command_parser(BuildCacheArguments, "delia build-cache", __doc__.splitlines()[0])
-    parser.add_argument(
-        "model",
-        help="model folder, hub name or short name such as smollm2-135m-instruct (the served model name with "
-        "--backend openai)",
-    )
-    parser.add_argument(
-        "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
-    )
-    parser.add_argument("output", help="the JSONL cache to append to")
-    parser.add_argument("--no-sort", "--no_sort", dest="sort_by_length", action="store_false", help="keep query order")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""`BuildCacheArguments`: every option of `build_cache` / `delia build-cache`, as one dataclass.
+"""`BuildCacheArguments`: every option of `build_cache` / `delia build-cache`, as one dataclass, and its parser.
 
-`delia build-cache` reads it with `HfArgumentParser` (so `--max_new_tokens` and `--max-new-tokens` both work, and a
-YAML recipe can hold it), `build_cache()` builds it from its keywords, and the cache's meta file records it.
+`delia build-cache` reads it with `argument_parser()` (so `--max_new_tokens` and `--max-new-tokens` both work),
+`build_cache()` builds it from its keywords, and the cache's meta file records it. Nothing here imports torch: the
+`delia` command answers `--help` and a mistyped option from this module before `delia.build_cache` is imported.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any
 from .generation.base import SamplingConfig
 from .generation.factory import BACKENDS, BackendOptions
 from .generation.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES
+
+DESCRIPTION = (
+    "build_cache: the base model answers a broad set of general queries itself; its answers are DELIA's diverse data."
+)
 
 
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -114,3 +119,21 @@ class BuildCacheArguments:
         settings = asdict(self)
         settings["sampling"] = asdict(self.sampling())
         return settings
+
+
+def argument_parser() -> Any:
+    """The `delia build-cache` parser: three positionals, then every `BuildCacheArguments` field in both spellings."""
+    from .command_line import command_parser
+
+    parser = command_parser(BuildCacheArguments, "delia build-cache", DESCRIPTION)
+    parser.add_argument(
+        "model",
+        help="model folder, hub name or short name such as smollm2-135m-instruct (the served model name with "
+        "--backend openai)",
+    )
+    parser.add_argument(
+        "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
+    )
+    parser.add_argument("output", help="the JSONL cache to append to")
+    parser.add_argument("--no-sort", "--no_sort", dest="sort_by_length", action="store_false", help="keep query order")
+    return parser

@@ -30,6 +30,20 @@ COMMANDS: dict[str, str] = {
 }
 
 
+#: The commands whose module imports torch at the top, and the light module whose `argument_parser()` builds the same
+#: parser: `--help` and a mistyped option are answered from it before the command's module (and torch) is imported.
+#: The other commands' modules are light themselves (tests/test_fast_start.py checks both).
+PARSERS: dict[str, str] = {
+    "build-cache": "delia.build_cache_config",
+    "eval": "delia.evaluation.eval_config",
+    "probe": "delia.evaluation.probe_config",
+}
+#: The commands whose options are a TRL `SFTConfig` subclass (`DSFTConfig`): listing them needs trl, transformers and
+#: torch (5-10 s on a busy 2-core machine), so only their `--config` recipe is checked before those load. A static
+#: or cached list of TRL's option names could refuse a valid option after an upgrade; it is not attempted.
+RECIPE_COMMANDS = ("train", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -38,7 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"delia: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    command, options = argv[0], argv[1:]
+    if command in PARSERS:  # argparse's own checks only (help, unknown options, types); the command checks the rest
+        importlib.import_module(PARSERS[command]).argument_parser().parse_args(options)
+    if command in RECIPE_COMMANDS:
+        from .command_line import check_recipe_argument
+
+        try:
+            check_recipe_argument(options)
+        except (ValueError, OSError) as error:
+            print(f"delia {command}: error: {error}", file=sys.stderr)
+            return 2
+    return importlib.import_module(COMMANDS[command]).main(options)
 
 
 if __name__ == "__main__":

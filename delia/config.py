@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -120,6 +122,12 @@ class DSFTConfig(SFTConfig):
             `None` when `OMP_NUM_THREADS` is set. Ignored with an accelerator.
         Whatever these are, `DSFTTrainer` on a CPU projects only the positions that carry a label through the LM
         head (the same values; TRL projects every position there).
+
+        > Deprecated names
+
+        max_seq_length (`int`, *optional*):
+            The original README's name of `max_length` (TRL's own name before 0.20): read as `max_length`, with one
+            `FutureWarning`. Giving both with different values is an error.
     """
 
     diverse_dataset: str | None = field(
@@ -170,9 +178,14 @@ class DSFTConfig(SFTConfig):
             "own setting."
         },
     )
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Deprecated: the original README's name of max_length (use max_length)."},
+    )
 
     def __post_init__(self):
         self.check_delia_fields()
+        self.take_max_seq_length()
         accelerator = has_accelerator()
         on_cpu = self.use_cpu or not accelerator
         #: The fields this config set to delia's CPU defaults because they were left unset (see the docstring).
@@ -194,6 +207,27 @@ class DSFTConfig(SFTConfig):
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or self.cpu_threads < 0):
             raise ValueError(f"cpu_threads must be None or an integer >= 0; got {self.cpu_threads!r}")
         super().__post_init__()
+
+    def take_max_seq_length(self) -> None:
+        """`max_seq_length` (the original README's name, TRL's before 0.20) is read as `max_length`, with one warning.
+
+        Both given with different values is refused. Cleared once read, so a config rebuilt from `to_dict()` does not
+        warn again.
+        """
+        if self.max_seq_length is None:
+            return
+        default = next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "max_length")
+        if self.max_length not in (default, self.max_seq_length):
+            raise ValueError(
+                f"max_seq_length={self.max_seq_length} and max_length={self.max_length} disagree; give max_length only "
+                "(max_seq_length is its deprecated name)"
+            )
+        warnings.warn(
+            "max_seq_length is deprecated: it is read as max_length, TRL's name for it; pass max_length instead",
+            FutureWarning,
+            stacklevel=4,  # the caller of DSFTConfig(...): past this method, __post_init__ and the dataclass __init__
+        )
+        self.max_length, self.max_seq_length = self.max_seq_length, None
 
     def check_delia_fields(self) -> None:
         """Validate and normalise the DELIA fields: the one place their values are checked."""

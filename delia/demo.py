@@ -18,18 +18,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PrinterCallback
-
-from .build_cache import build_cache
 from .bundled import DEMO_FILES, demo_file
-from .config import check_diverse_ratio, get_training_arguments
-from .evaluation.plots import plot_loss
-from .lora import get_peft_config
-from .modeling import add_new_tokens, setup_tokenizer_and_model
-from .runtime import start_run_folder
-from .trainer import DSFTTrainer
+
+if TYPE_CHECKING:
+    from .trainer import DSFTTrainer
+
+# torch, transformers and trl are imported inside the functions that need them, so that `delia demo --help` and a
+# mistyped option are answered before they load (tests/test_fast_start.py).
 
 
 def build_demo_model(folder: str, seed: int) -> str:
@@ -57,6 +54,15 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
 
     Kept apart from training, so that `main` reports these as bad input while a training error keeps its traceback.
     """
+    from transformers import PrinterCallback
+
+    from .build_cache import build_cache
+    from .config import check_diverse_ratio, get_training_arguments
+    from .lora import get_peft_config
+    from .modeling import add_new_tokens, setup_tokenizer_and_model
+    from .runtime import start_run_folder
+    from .trainer import DSFTTrainer
+
     ratio = check_diverse_ratio(ratio)
     start_run_folder(output)
     model_path = model or build_demo_model(os.path.join(output, "tiny-model"), seed)
@@ -114,6 +120,8 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
 
 def finish_demo(trainer: DSFTTrainer, output: str, started: float) -> dict:
     """Train, then write the log history, the loss plot and the summary into `output`; return the summary."""
+    from .evaluation.plots import plot_loss
+
     trainer.train()
     trainer.save_model()  # the trained model and its tokenizer, for `delia eval` and `delia probe`
     history = trainer.state.log_history

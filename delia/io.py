@@ -1,4 +1,5 @@
-"""Files that survive a kill: atomic replace, durable JSONL append, JSONL reading with file:line errors.
+"""Files that survive a kill: atomic replace, durable JSONL append, JSONL reading with file:line errors; and whether
+a name that does not exist was meant as a local path (`looks_like_local_path`), so it fails at once, not after the hub.
 
 Every module that writes a run's files uses these, so the guarantees hold in one place: a replaced file is the old one
 or the new one, never half; an appended line is on disk when the call returns, and a partial last line left by a
@@ -205,3 +206,15 @@ def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[Any, ...
             if os.path.samefile(source, path):
                 raise ValueError(f"{what} {path!r} is also an input ({os.fspath(source)!r}); choose another file")
     check_writable_folder(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
+
+
+def looks_like_local_path(path: str | os.PathLike) -> bool:
+    """Whether a model, folder or dataset name that does not exist was meant as a local path, not a hub name.
+
+    A path that starts with `/`, `.` or `~`, has more than two parts, or whose first part is a local folder (a
+    mistyped `runs/dmeo` next to `runs/`) is local: it gets "no such folder" or "no such file" at once instead of a
+    wait for the hub ("org/name" whose `org` is not a folder here stays a hub name).
+    """
+    name = os.fspath(path)
+    parts = name.replace(os.sep, "/").split("/")
+    return name.startswith(("/", ".", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from .io import read_json_or_none
+from .io import looks_like_local_path, read_json_or_none
 from .models import COMPLETE_MARKER, corruption, resolve_model
 from .run_files import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
@@ -292,16 +292,6 @@ def _adapter_base(path: str, base_model: str | None) -> str:
     if not base:
         raise ValueError(f"{config} names no base model (base_model_name_or_path); pass the base model")
     return base
-
-
-def looks_like_local_path(path: str) -> bool:
-    """Whether a model or folder name that does not exist was meant as a local path, not a hub name ("org/name").
-
-    A path that starts with `/`, `.` or `~`, has more than two parts, or whose first part is a local folder (a
-    mistyped `runs/dmeo` next to `runs/`) is local: it gets "no such folder" at once instead of a wait for the hub.
-    """
-    parts = path.replace(os.sep, "/").split("/")
-    return path.startswith(("/", ".", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
 def check_model_source(path: str, adapters: bool = False) -> None:

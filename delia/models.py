@@ -279,7 +279,7 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError('converting a GGUF checkpoint needs the gguf package: pip install gguf')
+        raise ImportError("converting a GGUF checkpoint needs the gguf package: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

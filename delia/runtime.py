@@ -1,21 +1,25 @@
-"""Runtime helpers: which hardware this process has, its place in a launched job, clean exit, run folders."""
+"""Runtime helpers: which hardware this process has, its place in a launched job, clean exit, run folders, and
+delia's own log lines on stderr (`enable_logging`)."""
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
+from typing import Any
 
 from .run_files import MIXTURE_FILE, PROBE_PREFIX, RUN_MARKER
 
 
 def has_accelerator() -> bool:
     """Whether torch sees a GPU or another accelerator."""
+    import torch  # here, not at the top: the commands' option modules import this module before torch is needed
+
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
@@ -24,6 +28,8 @@ def has_accelerator() -> bool:
 
 def default_device() -> str:
     """ "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -42,6 +48,8 @@ def leave_process_group() -> None:
     forever on that same thread (pytorch/pytorch#190489). So: free what still holds the group (DDP's reducer),
     let the worker threads finish, then destroy it, as `Accelerator.end_training` does.
     """
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     gc.collect()
@@ -97,3 +105,40 @@ def quiet_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
         if bars[1]:
             transformers.utils.logging.enable_progress_bar()
+
+
+#: The attribute that marks the handler `enable_logging` adds, so a second call changes the level and adds nothing.
+_HANDLER_MARK = "delia_enable_logging"
+
+
+def log_handler(stream: Any = None) -> logging.Handler:
+    """A handler that writes "delia: message" to `stream` (stderr): on the main process of a launched job every line,
+    on the others only warnings and the lines every process logs (its mixture fingerprint), so N processes do not
+    repeat each line N times."""
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(logging.Formatter("delia: %(message)s"))
+    handler.addFilter(
+        lambda record: main_process or record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
+    )
+    return handler
+
+
+def enable_logging(level: int | str = "INFO", stream: Any = None) -> logging.Handler:
+    """Show delia's own log lines in a script: the mixture summary, "final reply only", the CPU defaults it chose.
+
+    The `delia` commands show them; a plain Python script does not, because Python prints only warnings from a
+    logger that has no handler. This adds one handler to the `delia` logger (lines "delia: ..." on stderr, or on
+    `stream`) and sets its level (`"INFO"`, `"DEBUG"`, `"WARNING"` or a `logging` level); calling it again only changes
+    the level. Returns the handler. Configuring `logging` yourself works too: delia's loggers are named `delia.*`.
+    """
+    logger = logging.getLogger("delia")
+    handler = next((h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)), None)
+    if handler is None:
+        handler = log_handler(stream)
+        setattr(handler, _HANDLER_MARK, True)
+        logger.addHandler(handler)
+    elif stream is not None and isinstance(handler, logging.StreamHandler):
+        handler.setStream(stream)
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler

@@ -29,7 +29,7 @@ from .io import read_json_or_none
 from .lora import get_peft_config
 from .modeling import resolve_quantization, setup_tokenizer_and_model
 from .run_files import TRAINER_STATE_FILE
-from .runtime import check_output_dir, leave_process_group, start_run_folder
+from .runtime import check_output_dir, leave_process_group, log_handler, start_run_folder
 from .trainer import DSFTTrainer
 
 
@@ -130,12 +130,7 @@ def steps_done(checkpoint: str) -> int | None:
 def showing_delia_logs() -> Iterator[None]:
     """Print delia's INFO messages on stderr during the command: all of them on the main process, and on the others
     only warnings and the lines every process logs (its mixture fingerprint), so N processes do not repeat N times."""
-    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("delia: %(message)s"))
-    handler.addFilter(
-        lambda record: main_process or record.levelno >= logging.WARNING or getattr(record, "every_rank", False)
-    )
+    handler = log_handler()
     package_logger = logging.getLogger("delia")
     level = package_logger.level
     package_logger.addHandler(handler)

@@ -129,6 +129,9 @@ class DSFTTrainer(SFTTrainer):
     `train_dataset` and `eval_dataset` take every form `SFTTrainer` takes, and also paths / hub names. With no diverse
     data it trains exactly as `SFTTrainer`, but for one documented difference: conversations train on their final
     assistant reply only (`DSFTConfig.final_reply_only`, on by default).
+
+    It logs what it decided (the mixture's row counts, "final reply only", the CPU defaults) to the `delia` logger:
+    the `delia` commands print those lines; in a script, call `delia.enable_logging()` first to see them.
     """
 
     _tag_names = ["trl", "sft", "delia"]

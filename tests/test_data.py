@@ -500,7 +500,9 @@ def test_empty_file_and_blank_file(tmp_path):
 
 def test_unknown_path(tmp_path, monkeypatch, down):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"'\./foo\.jsonl' not found: expected a JSONL file") as e:
+    with pytest.raises(
+        FileNotFoundError, match=r"'\./foo\.jsonl' not found \(no such file or folder\): expected a JSONL file"
+    ) as e:
         load_conversations("./foo.jsonl")
     assert_clean(e.value)
     with pytest.raises(FileNotFoundError, match=r"^diverse dataset '\./foo\.jsonl' not found"):

@@ -450,7 +450,8 @@ def test_sweep_table_gives_mean_and_std_over_seeds():
     assert table[4].startswith("| ratio-0 | 1 | 10 |  |  | 0/1 | 10.0% |")  # not recorded: blank, not 0
     assert "| n/a |" in table[3]  # F1 measured in no run; balanced accuracy absent from these summaries
     assert rows[0]["probe_score_mean"] is None  # the base model is not probed
-    assert rows[1]["probe_score_mean"] == pytest.approx(0.3) and table[3].endswith("| 0.300 ± 0.141 |")
+    # the probe's summary score: the mean over the upper half of the blocks (here the one block: 0.4 and 0.8)
+    assert rows[1]["probe_score_mean"] == pytest.approx(0.6) and table[3].endswith("| 0.600 ± 0.283 |")
 
 
 def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):

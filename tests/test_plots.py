@@ -75,7 +75,7 @@ def test_one_run_writes_into_its_folder_and_bad_folders_are_one_line(tmp_path, c
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "log_history.json").write_text('[{"step": 1,\n "loss": }]')
-    for folder, expected in ((empty, "no log_history.json"), (broken, "line 2"), (tmp_path / "gone", "not a folder")):
+    for folder, expected in ((empty, "no log_history.json"), (broken, "line 2"), (tmp_path / "gone", "no such folder")):
         assert main(["plot", str(run), str(folder), "--output", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0 and str(folder) in error and expected in error, error

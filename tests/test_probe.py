@@ -18,6 +18,7 @@ from delia.evaluation.probe import (
     load_prompts,
     make_variants,
     probe_model,
+    summary_score,
 )
 from delia.tiny import save_tiny_model
 
@@ -111,3 +112,36 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["probe", str(tmp_path / "nowhere")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "nowhere" in error
+
+
+def test_the_summary_score_is_the_mean_over_the_upper_half_of_the_blocks():
+    assert summary_score([0.0, 1.0, 2.0, 3.0, 4.0]) == (3.5, (3, 4))  # 4 blocks: layers 3-4
+    assert summary_score([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (5.0, (4, 6))  # 6 blocks: layers 4-6
+    assert summary_score([0.0, 0.5, 0.25]) == (0.25, (2, 2))  # 2 blocks: the last
+    assert summary_score([0.0, 0.5]) == (0.5, (1, 1))  # 1 block: itself
+
+
+def test_a_second_probe_is_refused_without_overwrite_and_the_summary_is_printed(tmp_path, capsys):
+    base = save_tiny_model(tmp_path / "base", "llama2", num_hidden_layers=4)
+    output = tmp_path / "probe"
+    assert main(["probe", str(base), "--limit", "2", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((output / "probe.json").read_text())
+    (model,) = report["models"]
+    scores = [layer["score"] for layer in model["layers"]]
+    assert len(scores) == 5 and model["summary_layers"] == [3, 4]
+    assert model["summary_score"] == pytest.approx(sum(scores[3:]) / 2)
+    assert (
+        f"summary score (mean over layers 3-4, the upper half of the blocks): base {model['summary_score']:.4f}"
+        in printed
+    )
+    assert "upper half" in report["summary_score"]
+
+    before = (output / "probe.json").read_bytes()
+    # refused before any model loads: a model that does not exist is never reached
+    assert main(["probe", str(tmp_path / "nowhere"), "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "probe.json holds an earlier probe" in error and "--overwrite" in error
+    assert (output / "probe.json").read_bytes() == before
+    assert main(["probe", str(base), "--limit", "3", "--output", str(output), "--overwrite"]) == 0
+    assert json.loads((output / "probe.json").read_text())["prompt_count"] == 3

@@ -19,6 +19,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from ..io import looks_like_local_path
 from . import json_check
 from .errors import EXPECTED_ROW, EXPECTED_SOURCE, DataFormatError
 from .files import JSON_SPACE, data_size, file_lines, has_content, head_bytes, is_blank, not_json_text
@@ -243,8 +244,8 @@ def _not_found(path: str, shown: str, label: str) -> OSError:
         hint = f" (but {path.strip()!r}, without the surrounding spaces, exists)"
     expanded = f" ({path})" if path != shown else ""
     return FileNotFoundError(
-        f"{label} {shown!r}{expanded} not found{hint}: expected a JSONL file, a folder written by "
-        "Dataset.save_to_disk, or a hub dataset name"
+        f"{label} {shown!r}{expanded} not found (no such file or folder){hint}: expected a JSONL file, a folder "
+        "written by Dataset.save_to_disk, or a hub dataset name"
     )
 
 
@@ -278,7 +279,7 @@ def read_dataset(
         raise DataFormatError(
             f"{label} {shown!r}: is not a regular file (a device, pipe or socket); expected {EXPECTED_SOURCE}"
         )
-    looks_like_a_path = path != shown or path.lower().endswith(_DATA_SUFFIXES) or path.startswith((".", "/"))
+    looks_like_a_path = path != shown or path.lower().endswith(_DATA_SUFFIXES) or looks_like_local_path(path)
     if looks_like_a_path or not _HUB_NAME.match(path):
         raise _not_found(path, shown, label)
     try:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from ..run_files import TOKEN_LOSS_FILE
-from ..token_loss import METRIC_NAME, read_records
 
 TRAIN_LOSS_KEYS = {"loss_downstream": "downstream (train)", "loss_diverse": "diverse (train)"}
 EVAL_LOSS_KEY = "eval_loss"
@@ -47,6 +46,8 @@ def _read_json(path: Path) -> Any:
 def read_log_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The Trainer's log history of a run folder (see the module docstring for where it is looked for)."""
     folder = Path(run_dir)
+    if not folder.exists():
+        raise FileNotFoundError(f"{run_dir}: no such folder (expected a run folder of delia train / delia demo)")
     if not folder.is_dir():
         raise ValueError(f"{run_dir}: not a folder (expected a run folder of delia train / delia demo)")
     checkpoints = sorted(
@@ -83,6 +84,8 @@ def read_token_losses(run_dir: str | os.PathLike, history: Sequence[Mapping[str,
 
     Eval sets other than the default one (`eval_<name>_token_loss/...`) are named `<name>: <token>`.
     """
+    from ..token_loss import METRIC_NAME, read_records  # here: token_loss imports torch, `delia plot --help` does not
+
     path = Path(run_dir) / TOKEN_LOSS_FILE
     curves: dict[str, Points] = {}
     if path.is_file():
@@ -103,6 +106,8 @@ def read_token_losses(run_dir: str | os.PathLike, history: Sequence[Mapping[str,
 
 def eval_metric_keys(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     """Numeric eval_* keys other than eval_loss, the token losses and the timings, in first-seen order."""
+    from ..token_loss import METRIC_NAME
+
     keys: dict[str, None] = {}
     for history in histories.values():
         for entry in history:

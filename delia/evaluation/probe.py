@@ -24,6 +24,10 @@ instruction line, which `sep` and `explicit` share and `control` lacks; so read 
 the same prompts (base against trained), not as an absolute. Layer 0 at the last position is the embedding of the
 generation prompt's last token, the same in all three variants, so its score is 0 by construction.
 
+The summary score, one number per model, is the mean of the centered score over the upper half of the blocks (layers
+L//2 + 1 .. L of a model with L blocks), where the prompt has been read. `probe.json` holds the models of one probe
+side by side; an earlier one in `--output` is refused unless `--overwrite` is given.
+
     delia probe BASE_MODEL RUN_FOLDER                      # a run of `delia train` / `delia demo` (adapter or model)
     delia probe BASE_MODEL ADAPTER --prompts eval.jsonl --output runs/probe
 """
@@ -35,7 +39,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,12 +49,10 @@ from ..cpu import OtherLoad, threads_while
 from ..io import write_json_atomically
 from ..modeling import load_for_inference
 from ..run_files import PROBE_PLOT_FILE, PROBE_REPORT_FILE
+from .probe_config import EXPLICIT_FORMAT, ProbeArguments, argument_parser  # noqa: F401 (importable from here)
 
-EXPLICIT_FORMAT = (
-    "the format of a Python dict with exactly two keys, 'thought' (your reasoning in one sentence) and "
-    "'hallucination' ('yes' or 'no')"
-)
 VARIANTS = ("sep", "explicit", "control")
+SUMMARY_DEFINITION = "mean of the centered score over the upper half of the blocks: layers L//2 + 1 .. L of L blocks"
 NEAREST = 10
 
 
@@ -194,6 +196,7 @@ class ProbedModel:
     nearest: list[dict[str, Any]]
 
     def as_json(self) -> dict[str, Any]:
+        summary, (first, last) = summary_score(self.scores["score"])
         layers = [
             {
                 "layer": layer,
@@ -204,7 +207,26 @@ class ProbedModel:
             }
             for layer in range(len(self.scores["score"]))
         ]
-        return {"label": self.label, "path": self.path, "layers": layers, "nearest_tokens": self.nearest}
+        return {
+            "label": self.label,
+            "path": self.path,
+            "summary_score": summary,
+            "summary_layers": [first, last],
+            "layers": layers,
+            "nearest_tokens": self.nearest,
+        }
+
+
+def summary_score(scores: list[float]) -> tuple[float, tuple[int, int]]:
+    """One number per model: the mean centered score over the upper half of the blocks, and those layers.
+
+    With L blocks (layers 1..L; layer 0 is the embeddings, 0 by construction) that is layers L//2 + 1 .. L, where the
+    instruction has been read and the state is about to produce the reply; the lower layers mostly carry the tokens.
+    """
+    last = len(scores) - 1
+    first = min(last, last // 2 + 1)
+    upper = scores[first:]
+    return sum(upper) / len(upper), (first, last)
 
 
 def probe_model(
@@ -243,8 +265,18 @@ def run_probe(
     batch_size: int = 8,
     quantization: str | None = None,
     cpu_threads: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Probe each model in turn (one in memory at a time); write probe.json and probe.png; return the report."""
+    """Probe each model in turn (one in memory at a time); write probe.json and probe.png; return the report.
+
+    An earlier probe.json in `output_dir` is refused before any model loads, unless `overwrite`: one report holds
+    every model of one probe side by side (the score is read as a comparison), so a second probe goes elsewhere.
+    """
+    report_path = os.path.join(output_dir, PROBE_REPORT_FILE)
+    if os.path.exists(report_path) and not overwrite:
+        raise FileExistsError(
+            f"{report_path} holds an earlier probe; pass --overwrite to replace it, or choose another --output"
+        )
     source = prompts or default_probe_prompts()
     variants = load_prompts(source, token, limit, explicit)
     probed = []
@@ -264,10 +296,11 @@ def run_probe(
         "explicit_format": explicit,
         "centered": True,
         "score": "mean over prompts of cos(sep, explicit) - cos(control, explicit) at the last prompt position",
+        "summary_score": SUMMARY_DEFINITION,
         "models": [model.as_json() for model in probed],
     }
     os.makedirs(output_dir, exist_ok=True)
-    write_json_atomically(os.path.join(output_dir, PROBE_REPORT_FILE), report)
+    write_json_atomically(report_path, report)
     plot_probe(report, os.path.join(output_dir, PROBE_PLOT_FILE))
     return report
 
@@ -311,40 +344,19 @@ def format_table(report: dict[str, Any]) -> str:
             for model in models
         )
         lines.append(f"{layer:<5}{cells}")
+    ranges = {tuple(model["summary_layers"]) for model in models}
+    shown = (lambda m: "") if len(ranges) == 1 else (lambda m: " (layers {}-{})".format(*m["summary_layers"]))
+    where = "layers {}-{}, ".format(*ranges.pop()) if len(ranges) == 1 else ""
+    summaries = ", ".join(f"{model['label']} {model['summary_score']:.4f}{shown(model)}" for model in models)
+    lines.append(f"summary score (mean over {where}the upper half of the blocks): {summaries}")
     for model in models:
         nearest = ", ".join(f"{entry['token']} {entry['cosine']:.2f}" for entry in model["nearest_tokens"])
         lines.append(f"nearest to {report['token']} in {model['label']}: {nearest}")
     return "\n".join(lines)
 
 
-@dataclass
-class ProbeArguments:
-    """`delia probe`'s options (the models to probe are named apart)."""
-
-    base: str | None = field(default=None, metadata={"help": "base model of the adapters (default: their config's)"})
-    prompts: str | None = field(default=None, metadata={"help": "DELIA conversations whose user turns use the token"})
-    limit: int | None = field(default=None, metadata={"help": "use the first N prompts"})
-    token: str = field(default="<sep>", metadata={"help": "the token that stands for the format"})
-    explicit: str = field(default=EXPLICIT_FORMAT, metadata={"help": "the format written out, replacing the token"})
-    output: str = field(default="runs/probe", metadata={"help": "folder for probe.json and probe.png"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
-    quantization: str = field(default="none", metadata={"help": "none (default), auto, 8bit or 4bit"})
-    cpu_threads: int | None = field(
-        default=None, metadata={"help": "torch threads on a CPU; unset: the cores other programs leave free"}
-    )
-
-    def __post_init__(self):
-        for name in ("limit", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from ..command_line import command_parser
-
-    parser = command_parser(ProbeArguments, "delia probe", __doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="model folders / hub names, or LoRA adapter (run) folders")
+    parser = argument_parser()
     try:
         options, positionals = parser.parse_args_into_dataclasses(argv)
     except ValueError as error:
@@ -365,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=options.batch_size,
                 quantization=options.quantization,
                 cpu_threads=options.cpu_threads,
+                overwrite=options.overwrite,
             )
     except (ValueError, OSError) as error:
         print(f"delia probe: error: {error}", file=sys.stderr)

@@ -46,11 +46,14 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 def _metric(run: dict[str, Any], key: str) -> float | None:
-    """A run's value of a table metric: its eval summary's, or for `probe_score` its probe's mean over layers."""
+    """A run's value of a table metric: its eval summary's, or for `probe_score` its probe's summary score (the mean
+    over the upper half of the blocks, as `delia probe` prints it)."""
     if key != "probe_score":
         return run["summary"].get(key)
+    from .probe import summary_score
+
     layers = (run.get("probe") or {}).get("layers") or []
-    return statistics.fmean(layer["score"] for layer in layers) if layers else None
+    return summary_score([layer["score"] for layer in layers])[0] if layers else None
 
 
 def summarise(reports: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

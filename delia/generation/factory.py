@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-import torch
-
 from ..runtime import process_state
 from .base import Backend
 
@@ -66,6 +64,8 @@ class BackendOptions:
             return self.name
         if self.base_urls:
             return "openai"
+        import torch  # here: `BuildCacheArguments` (this module's options) is read before torch is needed
+
         if (
             isinstance(model, (str, os.PathLike))  # a loaded model stays in-process with transformers
             and torch.cuda.is_available()

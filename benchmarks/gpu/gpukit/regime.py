@@ -191,6 +191,7 @@ def probe(ctx: PhaseContext, path: str, runs: dict[str, str]) -> dict[str, Any]:
         prompts=str(EVAL_ROWS),
         limit=ctx.sizes.regime_probe_limit,
         output_dir=str(ctx.workdir / "regime" / "probe"),
+        overwrite=True,  # a rerun of the phase replaces its own probe
     )
     scores = {}
     for label, model in zip(["base", *runs], report["models"], strict=True):
