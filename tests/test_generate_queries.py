@@ -109,6 +109,21 @@ def test_a_template_with_no_user_turn_to_continue_is_one_line_naming_the_model(t
     assert str(error.value).startswith("LlamaForCausalLM: ") and "\n" not in str(error.value)
 
 
+def test_the_transformers_backend_continues_a_raw_prefix_and_stops_at_a_stop_text():
+    from delia.generation.base import SamplingConfig
+    from delia.generation.transformers_backend import TransformersBackend
+
+    tokenizer = build_tiny_tokenizer("llama2")  # its end of turn, "[/INST]", is text, not a token
+    backend = TransformersBackend(build_tiny_model(tokenizer), tokenizer, batch_size=8)
+    prompts = backend.prepare_text(["<s>[INST] "] * 8, [f"query-{n}" for n in range(8)])
+    assert prompts[0].token_ids == tokenizer("<s>[INST] ", add_special_tokens=False)["input_ids"]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.99, stop=("e",))  # a letter it often writes
+    replies = list(backend.stream(prompts, sampling))
+    assert all("e" not in reply.text for reply in replies)
+    assert any(reply.finish_reason == "stop" and reply.num_tokens < 40 for reply in replies)
+    assert all(reply.num_tokens == 40 for reply in replies if reply.finish_reason == "length")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The filters
 # ----------------------------------------------------------------------------------------------------------------------
