@@ -3,8 +3,10 @@
     build_cache("meta-llama/Llama-2-7b-chat-hf", "query_cache.jsonl", "self_sample_cache.jsonl")
 
 Reads queries (a JSONL of {"messages": [user, assistant]} rows, rows with query/reference fields, a saved dataset or a
-hub dataset), builds the `reference` or `plain` prompt for each, generates with one of three backends (transformers
-in-process, vLLM in-process, any OpenAI-compatible server over HTTP), and appends one row per query:
+hub dataset), or with `generate_queries=N` has the model write N queries itself first (Magpie,
+`delia.generation.magpie`: kept in `<output>.queries.jsonl`, answered with the plain template), builds the `reference`
+or `plain` prompt for each, generates with one of three backends (transformers in-process, vLLM in-process, any
+OpenAI-compatible server over HTTP), and appends one row per query:
 
     {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": reply}], "id": ..., ...}
 
@@ -36,6 +38,7 @@ from .data.queries import Query, load_queries, repeat_queries
 from .generation.base import Backend, Conversation, Generation, SamplingConfig
 from .generation.factory import BackendOptions, make_backend
 from .generation.loop import answer
+from .generation.magpie import QueryGeneration, meta_path, queries_for_cache, queries_path
 from .generation.prompts import build_conversation
 from .io import check_output_file, repair_tail, write_json_atomically
 from .run_files import cache_meta_file
@@ -71,10 +74,11 @@ class CacheResult:
     dropped_degenerate: int
     kept_degenerate: int
     hit_max_new_tokens: int
-    tokens: int  # generated, kept or not
-    seconds: float
+    tokens: int  # generated, kept or not (answers only: generated_queries counts the queries' own)
+    seconds: float  # answering (after any query generation, which generated_queries times)
     processes: int
     invalid_replies_retried: int = 0  # 200 replies that were no chat completion, retried (openai backend)
+    generated_queries: dict[str, Any] | None = None  # with generate_queries: asked, kept, attempts, dropped by reason
 
     def __fspath__(self) -> str:
         """The output path, so `open(result)` and `load_conversations(result)` work as with the path itself."""
@@ -92,9 +96,10 @@ class CacheResult:
         """One line for people: rows written and skipped, tokens, speed."""
         seconds = max(self.seconds, 1e-9)
         invalid = self.invalid_replies_retried
+        generated = QueryGeneration(**self.generated_queries).summary() + "; " if self.generated_queries else ""
         return (
-            f"{self.path}: {self.written} rows written, {self.skipped_already_done} skipped as already done, "
-            f"{self.dropped_degenerate} dropped as empty or broken, {self.tokens} tokens "
+            f"{generated}{self.path}: {self.written} rows written, {self.skipped_already_done} skipped as already "
+            f"done, {self.dropped_degenerate} dropped as empty or broken, {self.tokens} tokens "
             f"({self.tokens / seconds:.1f} tokens/s) in {self.seconds:.1f} s"
             + (f", {invalid} invalid server replies retried" if invalid else "")
         )
@@ -120,12 +125,14 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _resume_or_reset(output: str, resume: bool, overwrite: bool, state: Any) -> list[str]:
+def _resume_or_reset(output: str, resume: bool, overwrite: bool, state: Any, generated: bool = False) -> list[str]:
     """Phase 1: start the output over (resume=False, overwrite=True) or repair what an earlier kill left.
 
-    Returns where partial last lines were moved to (they are kept, not deleted).
+    `generated`: the generated queries file and its meta file are part of the output. Returns where partial last
+    lines were moved to (they are kept, not deleted).
     """
-    existing = [path for path in [output, *shard_paths(output)] if os.path.exists(path)]
+    own = [queries_path(output), meta_path(queries_path(output))] if generated else []
+    existing = [path for path in [output, *shard_paths(output), *own] if os.path.exists(path)]
     if existing and not resume:
         if not overwrite:
             raise FileExistsError(
@@ -222,6 +229,7 @@ def _finalise(
     repaired: list[str],
     started: float,
     state: Any,
+    generated: QueryGeneration | None = None,
 ) -> CacheResult:
     """Phase 4: add up every process's counts, merge the shards in query order, write `<output>.meta.json`."""
     parts = gather_object([tally]) if state.num_processes > 1 else [tally]
@@ -234,6 +242,7 @@ def _finalise(
         skipped_already_done=len(all_queries) - len(pending),
         seconds=round(time.perf_counter() - started, 3),
         processes=state.num_processes,
+        generated_queries=generated.counts() if generated else None,
         **totals,
     )
     if state.is_main_process:
@@ -263,10 +272,35 @@ def _options(options: dict[str, Any]) -> tuple[BuildCacheArguments, BackendOptio
     return arguments, arguments.backend_options(extra)
 
 
+def _check_query_source(queries: Any, generate: int | None) -> None:
+    """One query source: a query file (or dataset), or `generate_queries`; a clear line for neither or both."""
+    if queries is not None and generate is not None:
+        raise ValueError(
+            "give either a query file or generate_queries (CLI: --generate_queries N with MODEL OUTPUT only), not "
+            "both; to add generated queries to your own, generate them into a cache of their own first"
+        )
+    if queries is None and generate is None:
+        raise ValueError("no queries: give a query file (CLI: MODEL QUERIES OUTPUT) or generate_queries=N")
+
+
+def _load(queries: Any, arguments: BuildCacheArguments) -> list[Query]:
+    """The queries to answer: read, cut to `limit` (generated ones to the number asked for), repeated per sample."""
+    generated = arguments.generate_queries is not None
+    loaded = load_queries(
+        queries,
+        query_field="query" if generated else arguments.query_field,
+        reference_field=None if generated else arguments.reference_field,
+        input_field=None if generated else arguments.input_field,
+        split=arguments.split,
+        need_reference=arguments.template == "reference",
+    )[: arguments.generate_queries][: arguments.limit]
+    return repeat_queries(loaded, arguments.samples_per_query)
+
+
 def build_cache(
     model: Any,
-    queries: Any,
-    output: str | os.PathLike,
+    queries: Any = None,
+    output: str | os.PathLike | None = None,
     *,
     tokenizer: Any = None,
     progress: bool = True,
@@ -274,43 +308,54 @@ def build_cache(
 ) -> CacheResult:
     """Self-sample one reply per query (`samples_per_query` each) into the JSONL `output` (appending, resumable).
 
-    `model` is a model folder or hub name (transformers / vLLM backends), the served model name (openai backend), or
-    a loaded model together with `tokenizer=`. `options` are the fields of `BuildCacheArguments` (template, sampling,
-    resuming, backend settings: see there for each and its default); `backend` may also be a `BackendOptions`, and
-    `backend_options=` passes more constructor arguments to the backend (for example `{"max_retries": 2}` for openai,
-    engine arguments for vLLM). Each request is seeded from `seed` and its query's id
-    (`delia.generation.request_seed`); the k-th extra sample of a query has id `<id>-<k>`. The result stands for the
-    output path (`os.fspath`, `str`); see the module docstring for the formats, and `<output>.meta.json`.
+    `model`: a model folder or hub name (transformers / vLLM), the served model name (openai), or a loaded model with
+    `tokenizer=`. `queries`: a query file or dataset, or None with `generate_queries=N` (the model writes N queries
+    first, `delia.generation.magpie`, into `<output>.queries.jsonl`, answered with the plain template). `options`: the
+    fields of `BuildCacheArguments` (see there); `backend` may also be a `BackendOptions`, and `backend_options=`
+    passes more constructor arguments (e.g. `{"max_retries": 2}` for openai, engine arguments for vLLM). Each request
+    is seeded from `seed` and its query's id (`request_seed`); the k-th extra sample of a query has id `<id>-<k>`.
+    The result stands for the output path (`os.fspath`, `str`); see the module docstring and `<output>.meta.json`.
     """
     arguments, backend = _options(options)
+    if output is None:
+        raise TypeError("build_cache() needs output, the JSONL cache to write")
     output = os.fspath(output)
+    _check_query_source(queries, arguments.generate_queries)
     check_output_file(output, "the output cache", inputs=(queries,))  # before the model loads
     state = process_state()
     started = time.perf_counter()
-    all_queries = load_queries(
-        queries,
-        query_field=arguments.query_field,
-        reference_field=arguments.reference_field,
-        input_field=arguments.input_field,
-        split=arguments.split,
-        need_reference=arguments.template == "reference",
-    )[: arguments.limit]
-    all_queries = repeat_queries(all_queries, arguments.samples_per_query)
+    generating = arguments.generate_queries is not None
+    all_queries = [] if generating else _load(queries, arguments)  # a bad query file: an error before any change
     described = {  # how the rows were made, for the meta file
-        "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
-        "queries": str(queries) if isinstance(queries, (str, os.PathLike)) else type(queries).__name__,
+        "model": _name(model),
+        "queries": queries_path(output) if generating else _name(queries),
         **arguments.record(),
         "backend": backend.resolve(model),
     }
 
-    repaired = _resume_or_reset(output, arguments.resume, arguments.overwrite, state)
-    pending = _pending_queries(all_queries, output, state)
-    mine = pending[state.process_index :: state.num_processes]
-    tally = _Tally()
-    if mine:  # with nothing left to answer here, the model is not even loaded
-        target = shard_path(output, state.process_index, state.num_processes) if state.num_processes > 1 else output
-        engine = make_backend(backend, model, tokenizer=tokenizer, seed=arguments.seed)
-        try:
+    repaired = _resume_or_reset(output, arguments.resume, arguments.overwrite, state, generated=generating)
+    generated, engine = None, None
+    try:
+        if generating:
+            generated, engine = queries_for_cache(
+                model,
+                queries_path(output),
+                backend,
+                tokenizer=tokenizer,
+                count=arguments.generate_queries,
+                max_new_tokens=arguments.query_max_new_tokens,
+                seed=arguments.seed,
+                tries=arguments.query_tries,
+                progress=progress and state.is_main_process,
+            )
+            all_queries = _load(queries_path(output), arguments)
+            started = time.perf_counter()  # `seconds` and tokens/s are the answering's (the generation's: its own)
+        pending = _pending_queries(all_queries, output, state)
+        mine = pending[state.process_index :: state.num_processes]
+        tally = _Tally()
+        if mine:  # with nothing left to answer here, the model is not even loaded
+            target = shard_path(output, state.process_index, state.num_processes) if state.num_processes > 1 else output
+            engine = engine or make_backend(backend, model, tokenizer=tokenizer, seed=arguments.seed)
             conversations = [
                 build_conversation(query.query, query.reference, arguments.template, arguments.system_prompt)
                 for query in mine
@@ -326,13 +371,19 @@ def build_cache(
                 keep_degenerate=arguments.keep_degenerate,
                 progress=progress and state.is_main_process,
             )
-        finally:
+    finally:
+        if engine is not None:
             engine.close()
-    return _finalise(output, all_queries, pending, tally, described, repaired, started, state)
+    return _finalise(output, all_queries, pending, tally, described, repaired, started, state, generated)
+
+
+def _name(source: Any) -> str:
+    """A model or query source as the meta file records it: its path or name, else its type."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line: `delia build-cache MODEL QUERIES OUTPUT [options]` and `accelerate launch -m delia.build_cache ...`
+# Command line: `delia build-cache MODEL [QUERIES] OUTPUT [options]` and `accelerate launch -m delia.build_cache ...`
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -342,7 +393,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # bad input, a server that refuses the request, a backend that is not installed: one line, rows kept
         arguments, positionals = argument_parser().parse_args_into_dataclasses(argv)
-        result = build_cache(positionals.model, positionals.queries, positionals.output, **asdict(arguments))
+        queries, output = positionals.queries, positionals.output
+        if output is None:  # MODEL OUTPUT: the queries are generated (or missing: build_cache says so)
+            queries, output = None, queries
+        if output is None:
+            raise ValueError(
+                "missing OUTPUT: delia build-cache MODEL QUERIES OUTPUT, or MODEL OUTPUT --generate_queries N"
+            )
+        result = build_cache(positionals.model, queries, output, **asdict(arguments))
     except (ValueError, OSError, ImportError, ServerRequestError) as error:
         print(f"delia build-cache: error: {error}", file=sys.stderr)
         return 2

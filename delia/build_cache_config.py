@@ -31,13 +31,24 @@ def _positive(name: str, value: Any, allow_none: bool = False) -> None:
 class BuildCacheArguments:
     """How the diverse cache is self-sampled (the model, the queries and the output are named apart).
 
-    > Prompts: which queries, and how each is put to the model
+    > Prompts: which queries (a file, or `generate_queries` the model writes itself), and how each is put to the model
     > Sampling: how each reply is drawn (each request seeded from `seed` and its query's id)
     > The run: resuming, limits, what is kept
     > Backend: which engine answers, and its settings
     """
 
     # Prompts
+    generate_queries: int | None = field(
+        default=None,
+        metadata={
+            "help": "no query file: the model writes N queries itself (Magpie) into <output>.queries.jsonl, then "
+            "answers them with the plain template"
+        },
+    )
+    query_max_new_tokens: int = field(default=128, metadata={"help": "tokens per generated query at most"})
+    query_tries: int = field(
+        default=4, metadata={"help": "candidates drawn per generated query asked for, at most, before stopping"}
+    )
     template: str = field(
         default="reference", metadata={"help": "reference (shows a reference answer) or plain", "choices": TEMPLATES}
     )
@@ -88,6 +99,11 @@ class BuildCacheArguments:
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {', '.join(TEMPLATES)}; got {self.template!r}")
+        _positive("generate_queries", self.generate_queries, allow_none=True)
+        _positive("query_max_new_tokens", self.query_max_new_tokens)
+        _positive("query_tries", self.query_tries)
+        if self.generate_queries is not None:
+            self.template = "plain"  # a generated query has no reference answer
         _positive("samples_per_query", self.samples_per_query)
         _positive("limit", self.limit, allow_none=True)
         self.system_prompt = self.system_prompt or None
@@ -122,7 +138,10 @@ class BuildCacheArguments:
 
 
 def argument_parser() -> Any:
-    """The `delia build-cache` parser: three positionals, then every `BuildCacheArguments` field in both spellings."""
+    """The `delia build-cache` parser: MODEL [QUERIES] OUTPUT, then every `BuildCacheArguments` field in both spellings.
+
+    QUERIES is left out with --generate_queries N: `delia build-cache MODEL OUTPUT --generate_queries N`.
+    """
     from .command_line import command_parser
 
     parser = command_parser(BuildCacheArguments, "delia build-cache", DESCRIPTION)
@@ -132,8 +151,12 @@ def argument_parser() -> Any:
         "--backend openai)",
     )
     parser.add_argument(
-        "queries", help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset"
+        "queries",
+        nargs="?",
+        metavar="QUERIES",
+        help="JSONL of {messages: [user, assistant]}, rows with fields, saved or hub dataset; left out with "
+        "--generate_queries",
     )
-    parser.add_argument("output", help="the JSONL cache to append to")
+    parser.add_argument("output", nargs="?", metavar="OUTPUT", help="the JSONL cache to append to")
     parser.add_argument("--no-sort", "--no_sort", dest="sort_by_length", action="store_false", help="keep query order")
     return parser

@@ -2,7 +2,7 @@
 
 delia demo [--model M] [--output DIR] [--ratio R] [--seed S]   the whole method on bundled data (delia.demo)
 delia train --config recipe.yaml | [options]                   train with DSFTTrainer (delia.train)
-delia build-cache MODEL QUERIES OUTPUT [options]               self-sample the diverse cache (delia.build_cache)
+delia build-cache MODEL [QUERIES] OUTPUT [options]             self-sample the diverse cache (delia.build_cache)
 delia eval RUN [options] | --compare RUN [RUN ...]             format, accuracy, <sep> contrast, forgetting (delia.evaluation)
 delia probe BASE TRAINED [options]                             <sep> against the explicit format (delia.evaluation.probe)
 delia plot RUN_DIR [RUN_DIR ...] [--output DIR]                loss, token-loss, eval-metric curves (delia.evaluation.plots)

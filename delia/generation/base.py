@@ -24,6 +24,7 @@ class SamplingConfig:
     top_p: float = 0.95
     seed: int = 0
     min_new_tokens: int | None = None  # benchmarks pin the length with min = max
+    stop: tuple[str, ...] = ()  # texts that end a reply, left out of it (self-generated queries: the end of the turn)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -32,6 +33,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str) or not all(isinstance(text, str) and text for text in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Prompt:
     messages: Conversation
     length: int  # what build_cache sorts by: tokens (transformers), characters (vLLM, openai)
     token_ids: list[int] | None = None  # the rendered prompt, tokenized (transformers)
-    text: str | None = None  # the rendered prompt (vLLM)
+    text: str | None = None  # the rendered prompt (vLLM), or a raw prefix to continue (`prepare_text`, every backend)
 
 
 def request_seed(seed: int, request_id: str) -> int:
@@ -70,12 +73,16 @@ def request_seed(seed: int, request_id: str) -> int:
 
 
 class Backend(Protocol):
-    """Generates one reply per conversation; what build_cache calls on a backend, and nothing else."""
+    """Generates one reply per conversation (or raw text); what build_cache calls on a backend, and nothing else."""
 
     name: str
 
     def prepare(self, conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Prompt]:
         """Each conversation ready to answer (rendered, tokenized); a PromptRenderError names the one that fails."""
+        ...
+
+    def prepare_text(self, texts: Sequence[str], ids: Sequence[str]) -> list[Prompt]:
+        """Each raw text ready to continue as it is, no chat template applied (Magpie's user-turn prefix)."""
         ...
 
     def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:

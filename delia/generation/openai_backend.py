@@ -5,7 +5,9 @@ POSTs each conversation to `{base_url}/v1/chat/completions`, keeps `concurrency`
 round-robin over the servers, and retries what is worth retrying with exponential backoff: 429 (its Retry-After
 honoured), 5xx, dropped connections, timeouts, and a 200 reply that is not a chat completion (body not JSON, cut
 short, no `choices` or `message`: a proxy's HTML error page, a load balancer mid-restart). The server renders the
-chat template itself. Only the standard library is used (urllib, json, threads), so there is no extra dependency.
+chat template itself. A raw text (`prepare_text`: the user-turn prefix of self-generated queries) goes to
+`{base_url}/v1/completions` instead, as the prompt to continue. Only the standard library is used (urllib, json,
+threads), so there is no extra dependency.
 
 Each HTTP attempt is one task for a pool of `concurrency` threads; a request waiting on its backoff holds no thread
 and no slot, so the others keep `concurrency` requests in flight. `stream_unordered` yields each reply as soon as it
@@ -45,6 +47,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per attempt: a 512-token reply on a busy serve
 DEFAULT_MAX_RETRIES = 3  # 4 attempts: at 5% transient faults, 1 request in 160,000 fails for good
 DEFAULT_BACKOFF = 1.0  # seconds before the first retry, doubling on each further one
 QUOTED_BODY = 200  # bytes of a bad reply's body quoted in the final error
+CHAT_PATH, TEXT_PATH = "/v1/chat/completions", "/v1/completions"  # conversations; raw texts (`prepare_text`)
 
 
 class ServerRequestError(RuntimeError):
@@ -98,17 +101,20 @@ def _error_message(body: bytes) -> str:
     return str(data)
 
 
-def _parse_completion(raw: bytes) -> Generation:
-    """The reply in a chat completion body; `_Retryable` (with the body) if it is not JSON, cut short, or incomplete."""
+def _parse_completion(raw: bytes, chat: bool = True) -> Generation:
+    """The reply in a chat completion body (a text completion's with `chat=False`); `_Retryable` (with the body) if
+    it is not JSON, cut short, or incomplete."""
     try:
         data = json.loads(raw)
         choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
+        text = (choice["message"].get("content") if chat else choice["text"]) or ""
         if not isinstance(text, str):
             raise TypeError(f"content is a {type(text).__name__}")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-        problem = "not JSON" if isinstance(error, ValueError) else f"no usable choices[0].message ({error!r})"
-        raise _Retryable(f"HTTP 200 but not a chat completion ({problem})", invalid_body=raw) from None
+        where = "choices[0].message" if chat else "choices[0].text"
+        problem = "not JSON" if isinstance(error, ValueError) else f"no usable {where} ({error!r})"
+        kind = "a chat completion" if chat else "a completion"
+        raise _Retryable(f"HTTP 200 but not {kind} ({problem})", invalid_body=raw) from None
     completion_tokens = (data.get("usage") or {}).get("completion_tokens")
     num_tokens = completion_tokens if isinstance(completion_tokens, int) else len(text.split())
     finish_reason = "length" if choice.get("finish_reason") in LENGTH_REASONS else "stop"
@@ -142,7 +148,7 @@ class OpenAIBackend(Backend):
         if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError("need concurrency >= 1, max_retries >= 0, timeout > 0 and backoff >= 0")
         self.model = model
-        self.endpoints = [_normalize_base_url(url) + "/v1/chat/completions" for url in urls]
+        self.endpoints = [_normalize_base_url(url) + CHAT_PATH for url in urls]
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.concurrency = concurrency
         self.lookahead = LOOKAHEAD * concurrency
@@ -158,6 +164,10 @@ class OpenAIBackend(Backend):
             Prompt(request_id, messages, sum(len(message["content"]) for message in messages))
             for request_id, messages in zip(ids, conversations, strict=True)
         ]
+
+    def prepare_text(self, texts: Sequence[str], ids: Sequence[str]) -> list[Prompt]:
+        """Each raw text as it is, for the completions endpoint (`/v1/completions`, the server's own tokenizer)."""
+        return [Prompt(request_id, [], len(text), text=text) for request_id, text in zip(ids, texts, strict=True)]
 
     def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
         """Replies in the order given, with `concurrency` requests in flight, up to `lookahead` past the oldest one.
@@ -192,10 +202,11 @@ class OpenAIBackend(Backend):
         return (self.max_retries + 1) * self.timeout + (1 + JITTER) * waits
 
     def _payload(self, prompt: Prompt, sampling: SamplingConfig) -> bytes:
-        """The JSON body of one chat completion request, seeded by the prompt's request id."""
+        """The JSON body of one request, seeded by the prompt's request id: a chat completion, or for a raw text
+        (`prepare_text`) a text completion."""
         body = {
             "model": self.model,
-            "messages": prompt.messages,
+            **({"prompt": prompt.text} if prompt.text is not None else {"messages": prompt.messages}),
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -204,6 +215,8 @@ class OpenAIBackend(Backend):
         }
         if sampling.min_new_tokens is not None:
             body["min_tokens"] = sampling.min_new_tokens  # a vLLM/SGLang extension; other servers may refuse it
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
         return json.dumps(body).encode()
 
     def _attempt(self, url: str, payload: bytes) -> Generation:
@@ -225,7 +238,7 @@ class OpenAIBackend(Backend):
             raise _Retryable(f"HTTP {error.code}: {message}", retry_after) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, reset, timed out
             raise _Retryable(f"{type(error).__name__}: {getattr(error, 'reason', error)}") from None
-        return _parse_completion(raw)
+        return _parse_completion(raw, chat=url.endswith(CHAT_PATH))
 
     def _delay(self, request: _Request, retry_after: float) -> float:
         """Seconds before `request`'s next attempt: exponential backoff or the server's hint, plus seeded jitter."""
@@ -300,6 +313,8 @@ class _Flight:
                 return
             endpoints = self.backend.endpoints
             url = endpoints[(request.position + request.attempt) % len(endpoints)]
+            if request.prompt.text is not None:
+                url = url[: -len(CHAT_PATH)] + TEXT_PATH
             if url not in request.tried:
                 request.tried.append(url)
             payload = self.backend._payload(request.prompt, self.sampling)

@@ -41,6 +41,14 @@ class TransformersBackend(Backend):
             for request_id, messages, tokens in zip(ids, conversations, token_ids, strict=True)
         ]
 
+    def prepare_text(self, texts: Sequence[str], ids: Sequence[str]) -> list[Prompt]:
+        """Tokenize each raw text as it is (no template, no BOS added: a rendered prefix carries its own)."""
+        token_ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        return [
+            Prompt(request_id, [], len(tokens), token_ids=tokens, text=text)
+            for request_id, text, tokens in zip(ids, texts, token_ids, strict=True)
+        ]
+
     def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
         """Replies in order, `batch_size` prompts per `model.generate` call, each batch seeded by its first request.
 
@@ -65,6 +73,11 @@ class TransformersBackend(Backend):
         options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad}
         if sampling.min_new_tokens:
             options["min_new_tokens"] = sampling.min_new_tokens
+        ends, text_stops = self._stops(sampling.stop)
+        if ends != self.eos_ids:  # an end of turn that is one special token stops the reply like EOS
+            options["eos_token_id"] = sorted(ends)
+        if text_stops:
+            options.update(stop_strings=list(text_stops), tokenizer=self.tokenizer)
         if sampling.temperature > 0:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
@@ -79,13 +92,31 @@ class TransformersBackend(Backend):
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
         finally:
             self.model.train(was_training)
-        replies = []
-        for row in output[:, width:].tolist():
-            stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
-            new_tokens = row if stop is None else row[: stop + 1]
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-            replies.append(Generation(text, len(new_tokens), "length" if stop is None else "stop"))
-        return replies
+        return [self._reply(row, ends, text_stops) for row in output[:, width:].tolist()]
+
+    def _stops(self, stop: Sequence[str]) -> tuple[set[int], list[str]]:
+        """The token ids that end a reply (EOS, and each stop text that is one special token), and the other texts."""
+        ends, texts = set(self.eos_ids), []
+        special = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        for text in stop:
+            if text in special:
+                ends.add(self.tokenizer.convert_tokens_to_ids(text))
+            else:
+                texts.append(text)
+        return ends, texts
+
+    def _reply(self, row: list[int], ends: set[int], text_stops: Sequence[str]) -> Generation:
+        """The reply in one row of new tokens: up to the first end token, cut before the first stop text."""
+        stop = next((i for i, token in enumerate(row) if token in ends), None)
+        new_tokens = row if stop is None else row[: stop + 1]
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        cuts = [found for found in (text.find(stop_text) for stop_text in text_stops) if found >= 0]
+        if cuts:  # generation stopped at a stop text: what follows is padding
+            text = text[: min(cuts)]
+            pad = self.tokenizer.pad_token_id
+            while new_tokens and new_tokens[-1] == pad:
+                new_tokens = new_tokens[:-1]
+        return Generation(text, len(new_tokens), "length" if stop is None and not cuts else "stop")
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller (or to build_cache, which drops it)."""

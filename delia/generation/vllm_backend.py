@@ -48,7 +48,8 @@ class VLLMBackend(Backend):
             seed=seed,  # the engine's own seed; every request below also gets its own
             **engine_kwargs,
         )
-        self.renderer = PromptRenderer(self.llm.get_tokenizer())
+        self.tokenizer = self.llm.get_tokenizer()
+        self.renderer = PromptRenderer(self.tokenizer)
 
     def prepare(self, conversations: Sequence[Conversation], ids: Sequence[str]) -> list[Prompt]:
         """Render each conversation once with the chat template; its length in characters is the sort key."""
@@ -58,10 +59,17 @@ class VLLMBackend(Backend):
             prompts.append(Prompt(request_id, messages, len(text), text=text))
         return prompts
 
+    def prepare_text(self, texts: Sequence[str], ids: Sequence[str]) -> list[Prompt]:
+        """Each raw text as it is, for vLLM to tokenize (a raw prompt); its length in characters is the sort key."""
+        return [Prompt(request_id, [], len(text), text=text) for request_id, text in zip(ids, texts, strict=True)]
+
     def stream(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> Iterator[Generation]:
         """Replies in order, `batch_size` prompts per engine call (so the caller can write each batch as it ends)."""
         from vllm import SamplingParams
 
+        special = set(self.tokenizer.all_special_tokens)  # a special-token end of turn never shows in the text
+        stop_ids = [self.tokenizer.convert_tokens_to_ids(text) for text in sampling.stop if text in special]
+        stop = [text for text in sampling.stop if text not in special]
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             params = [  # one seed per request: a shared seed would correlate the samples
@@ -71,6 +79,8 @@ class VLLMBackend(Backend):
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     seed=request_seed(sampling.seed, prompt.id),
+                    stop=stop or None,
+                    stop_token_ids=stop_ids or None,
                 )
                 for prompt in batch
             ]
