@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -161,6 +162,7 @@ def _answer(
     sort_by_length: bool,
     keep_degenerate: bool,
     progress: bool,
+    on_batch: Callable[[int, int, float], None] | None = None,
 ) -> _Tally:
     """Phase 3: answer every query and append its row to `target`, `batch_size` replies per flushed, fsynced write.
 
@@ -177,7 +179,7 @@ def _answer(
         contextlib.closing(
             answer(engine, conversations, ids, sampling, where=where, sort_by_length=sort_by_length)
         ) as replies,  # the backend is stopped on an error too
-        tqdm(total=len(queries), unit="row", disable=not progress) as bar,
+        tqdm(total=len(queries), desc="self-sampling", unit="reply", disable=not progress, dynamic_ncols=True) as bar,
     ):
         try:
             for index, reply in replies:
@@ -192,8 +194,11 @@ def _answer(
                 if unwritten == batch_size:
                     batch, rows, unwritten = rows, [], 0  # taken first: a failed write is never written twice
                     tally.written += writer.write(batch)
+                    seconds = time.perf_counter() - started
+                    bar.set_postfix_str(f"{tally.tokens / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
                     bar.update(batch_size)
-                    bar.set_postfix(tokens_per_s=f"{tally.tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+                    if on_batch is not None:
+                        on_batch(bar.n, len(queries), seconds)
         finally:
             if rows:
                 tally.written += writer.write(rows)
@@ -269,6 +274,7 @@ def build_cache(
     *,
     tokenizer: Any = None,
     progress: bool = True,
+    on_batch: Callable[[int, int, float], None] | None = None,
     **options: Any,
 ) -> CacheResult:
     """Self-sample one reply per query (`samples_per_query` each) into the JSONL `output` (appending, resumable).
@@ -280,6 +286,7 @@ def build_cache(
     engine arguments for vLLM). Each request is seeded from `seed` and its query's id
     (`delia.generation.request_seed`); the k-th extra sample of a query has id `<id>-<k>`. The result stands for the
     output path (`os.fspath`, `str`); see the module docstring for the formats, and `<output>.meta.json`.
+    `progress` shows a bar (replies, ETA, tokens/s); `on_batch(done, total, seconds)` hears of each written batch.
     """
     arguments, backend = _options(options)
     output = os.fspath(output)
@@ -324,6 +331,7 @@ def build_cache(
                 sort_by_length=arguments.sort_by_length,
                 keep_degenerate=arguments.keep_degenerate,
                 progress=progress and state.is_main_process,
+                on_batch=on_batch if state.is_main_process else None,
             )
         finally:
             engine.close()

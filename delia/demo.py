@@ -1,7 +1,8 @@
 """`delia demo`: the whole method on bundled data, offline, on CPU, in a couple of minutes.
 
 1. Build a tiny Llama-architecture model and a BPE tokenizer trained on the bundled text (or load `--model`).
-2. Self-sample a diverse cache: the model answers the bundled general queries (`build_cache`, reference template).
+2. Self-sample a diverse cache: the model answers each bundled general query twice (`--samples_per_query`;
+   `build_cache`, reference template), enough rows for the default ratio without drawing any twice.
 3. Train with `DSFTTrainer` on the bundled `<sep>` hallucination-judgement rows mixed with the cache at `--ratio`,
    with `<sep>` added as a new token, evaluating on the bundled eval rows.
 4. Write the run folder: the trained model and its tokenizer (base: `tiny-model/`), the diverse cache,
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from transformers import PrinterCallback
@@ -28,8 +30,10 @@ from .config import check_diverse_ratio, get_training_arguments
 from .evaluation.plots import plot_loss
 from .lora import get_peft_config
 from .modeling import add_new_tokens, setup_tokenizer_and_model
+from .progress import Phase, Phases, first_step_callback
 from .runtime import start_run_folder
 from .trainer import DSFTTrainer
+from .upstream import quiet_upstream_noise
 
 
 def build_demo_model(folder: str, seed: int) -> str:
@@ -52,19 +56,51 @@ def _first_last(log_history: list[dict[str, Any]], key: str) -> tuple[float, flo
     return (values[0], values[-1]) if values else (math.nan, math.nan)
 
 
-def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, steps: int) -> DSFTTrainer:
+#: The bundled general queries the demo self-samples.
+QUERIES = 128
+#: Each phase's share of the tiny demo's time (80 steps, ratio 4, 2 replies per query), measured on 2 busy cores.
+TINY_SHARES = {"model": 0.1, "self-sampling": 0.3, "training": 0.6}
+
+
+def demo_phases(model: str | None, steps: int, replies: int) -> Phases:
+    """The tiny demo's phase headers: the model, self-sampling, training."""
+    first = f"loading {model}" if model else "building a tiny Llama model and a BPE tokenizer trained on the bundled text"
+    return Phases(
+        [
+            Phase("model", first, TINY_SHARES["model"]),
+            Phase("self-sampling", f"self-sampling the diverse cache: {replies} replies", TINY_SHARES["self-sampling"]),
+            Phase("training", f"training with DSFTTrainer for {steps} steps, with evals", TINY_SHARES["training"]),
+        ],
+        name="the demo",
+    )
+
+
+def build_demo_trainer(
+    output: str,
+    model: str | None,
+    ratio: float,
+    seed: int,
+    steps: int,
+    samples_per_query: int = 2,
+    phases: Phases | None = None,
+) -> DSFTTrainer:
     """Check the options, load the model, self-sample the cache and mix the data: what a bad input can fail.
 
     Kept apart from training, so that `main` reports these as bad input while a training error keeps its traceback.
+    `samples_per_query` replies to each of the 128 bundled queries make a cache large enough for the default ratio;
+    `phases` prints the headers and the time estimate.
     """
     ratio = check_diverse_ratio(ratio)
     start_run_folder(output)
+    phases = phases or demo_phases(model, steps, samples_per_query * QUERIES)
+    phases.start("model")
     model_path = model or build_demo_model(os.path.join(output, "tiny-model"), seed)
     # Loaded once: it self-samples as the base model, then gets <sep> for training
     tokenizer, loaded = setup_tokenizer_and_model(
         model_path, quantization=None if model is None else "auto", new_tokens=()
     )
     cache = os.path.join(output, "diverse_cache.jsonl")
+    phases.start("self-sampling")
     build_cache(
         loaded,
         demo_file("queries.jsonl"),
@@ -72,11 +108,12 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
         max_new_tokens=48,
         batch_size=32,
         seed=seed,
+        samples_per_query=samples_per_query,
         resume=False,
         overwrite=True,
         keep_degenerate=False,
-        progress=False,
         tokenizer=tokenizer,
+        on_batch=partial(phases.first_batch, "self-sampling", unit="replies"),
     )
     add_new_tokens(tokenizer, loaded, ["<sep>"])
     args = get_training_arguments(
@@ -93,7 +130,6 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
         gradient_checkpointing=False,
         bf16=False if model is None else None,  # bf16 does not pay on the tiny model; a real one gets the CPU default
         report_to="none",
-        disable_tqdm=True,
         seed=seed,
         diverse_seed=seed,
         track_tokens=["<sep>"],
@@ -109,6 +145,8 @@ def build_demo_trainer(output: str, model: str | None, ratio: float, seed: int, 
         peft_config=None if model is None else get_peft_config(),  # a real model (8-bit on CUDA) trains LoRA + <sep>
     )
     trainer.remove_callback(PrinterCallback)  # the table below says it more briefly than one dict per step
+    trainer.add_callback(first_step_callback(partial(phases.first_batch, "training", unit="steps", what="training")))
+    phases.start("training")
     return trainer
 
 
@@ -135,11 +173,17 @@ def finish_demo(trainer: DSFTTrainer, output: str, started: float) -> dict:
 
 
 def run_demo(
-    output: str = "runs/demo", model: str | None = None, ratio: float = 4.0, seed: int = 0, steps: int = 80
+    output: str = "runs/demo",
+    model: str | None = None,
+    ratio: float = 4.0,
+    seed: int = 0,
+    steps: int = 80,
+    samples_per_query: int = 2,
 ) -> dict:
     """Run the demo into `output`; return the summary."""
     started = time.perf_counter()
-    return finish_demo(build_demo_trainer(output, model, ratio, seed, steps), output, started)
+    trainer = build_demo_trainer(output, model, ratio, seed, steps, samples_per_query)
+    return finish_demo(trainer, output, started)
 
 
 def print_summary(summary: dict) -> None:
@@ -180,7 +224,7 @@ class DemoArguments:
     seed: int = field(default=0)
     steps: int | None = field(default=None, metadata={"help": "optimizer steps (80; --real: 24 per run)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "--real: LoRA learning rate"})
-    samples_per_query: int = field(default=2, metadata={"help": "--real: replies self-sampled per general query"})
+    samples_per_query: int = field(default=2, metadata={"help": "replies self-sampled per general query"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,12 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     options.ratio = 4.0 if options.ratio is None else options.ratio
     options.steps = 80 if options.steps is None else options.steps
     started = time.perf_counter()
-    try:  # bad input: one clear line; a failure during training keeps its traceback
-        trainer = build_demo_trainer(options.output, options.model, options.ratio, options.seed, options.steps)
-    except (ValueError, OSError) as error:
-        print(f"delia demo: error: {error}", file=sys.stderr)
-        return 2
-    print_summary(finish_demo(trainer, options.output, started))
+    with quiet_upstream_noise():  # upstream warnings that mean nothing to someone running the demo
+        try:  # bad input: one clear line; a failure during training keeps its traceback
+            trainer = build_demo_trainer(
+                options.output, options.model, options.ratio, options.seed, options.steps, options.samples_per_query
+            )
+        except (ValueError, OSError) as error:
+            print(f"delia demo: error: {error}", file=sys.stderr)
+            return 2
+        summary = finish_demo(trainer, options.output, started)
+    print_summary(summary)
     return 0
 
 

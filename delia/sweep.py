@@ -37,6 +37,7 @@ from .evaluation.eval_data import EvalData, load_eval_data
 from .evaluation.evaluate import EvalArguments, evaluate_model, write_report
 from .evaluation.report import read_report
 from .io import replace_atomically
+from .progress import first_step_callback
 from .run_files import EVAL_REPORT_FILE, SWEEP_CSV_FILE, SWEEP_TABLE_FILE
 from .runtime import start_run_folder
 
@@ -159,8 +160,10 @@ def train_and_evaluate(
     data: EvalData,
     generation_options: dict[str, Any],
     probe: bool = True,
+    phases: Any = None,
 ) -> dict[str, Any]:
-    """Train one run of the sweep into its folder, evaluate it, write its report; return the report."""
+    """Train one run of the sweep into its folder, evaluate it, write its report; return the report (`phases`: see
+    `run_sweep`)."""
     from .train import build_trainer
 
     folder = run_folder(args.output_dir, ratio, seed)
@@ -174,6 +177,9 @@ def train_and_evaluate(
         trainer = build_trainer(model_args, run_args)
     except (ValueError, OSError) as error:
         raise SweepInputError(f"{ratio_name(ratio)}, seed {seed}: {error}") from None
+    if phases is not None:  # the first optimizer step's time: how long this run's training will take
+        heard = partial(phases.first_batch, f"{ratio_name(ratio)}/seed-{seed}", unit="steps", what="its training")
+        trainer.add_callback(first_step_callback(heard))
     train_seconds = trainer.train().metrics.get("train_runtime")
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the log history, for `delia plot`
@@ -362,9 +368,11 @@ def write_tables(rows: Sequence[dict[str, Any]], folder: str) -> str:
 
 
 def run_sweep(
-    sweep: SweepArguments, eval_args: EvalArguments, model_args: Any, args: DSFTConfig
+    sweep: SweepArguments, eval_args: EvalArguments, model_args: Any, args: DSFTConfig, phases: Any = None
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every (ratio, seed) not finished yet, then write the tables and figures; the table rows."""
+    """Train and evaluate every (ratio, seed) not finished yet, then write the tables and figures; the table rows.
+
+    `phases` (`delia.progress.Phases`, keyed "base" and "ratio-R/seed-S") prints a header before each."""
     if sweep.budget == "steps" and args.max_steps <= 0:
         raise SweepInputError("--budget steps needs --max_steps > 0 (the same optimizer steps for every ratio)")
     if any(sweep.ratios) and not args.diverse_dataset:
@@ -385,14 +393,19 @@ def run_sweep(
         raise SweepInputError(str(error)) from None
     generation = {**eval_args.generation_options(), "cpu_threads": args.cpu_threads}  # training's thread setting
     reports: dict[str, list[dict[str, Any]]] = {}
+    announce = phases.start if phases is not None else lambda key: None
     if sweep.include_base:
+        announce("base")
         reports["base"] = [evaluate_base(model_args, args, data, generation, seeds[0])]
     for ratio in sweep.ratios:
         for seed in seeds:
             folder = run_folder(args.output_dir, ratio, seed)
             report = _finished(folder, _settings(model_args, args, ratio, seed, sweep.budget))
             if report is None:
-                report = train_and_evaluate(model_args, args, ratio, seed, sweep.budget, data, generation, sweep.probe)
+                announce(f"{ratio_name(ratio)}/seed-{seed}")
+                report = train_and_evaluate(
+                    model_args, args, ratio, seed, sweep.budget, data, generation, sweep.probe, phases
+                )
             reports.setdefault(ratio_name(ratio), []).append(report)
     rows = summarise(reports)
     write_tables(rows, args.output_dir)
