@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from transformers import PrinterCallback
-
 from .build_cache import build_cache
 from .bundled import DEMO_FILES, demo_file
 from .config import check_diverse_ratio, get_training_arguments
 from .evaluation.plots import plot_loss
 from .lora import get_peft_config
 from .modeling import add_new_tokens, setup_tokenizer_and_model
-from .progress import Phase, Phases, first_step_callback
+from .progress import Phase, Phases, label_training_bar
 from .runtime import start_run_folder
 from .trainer import DSFTTrainer
 from .upstream import quiet_upstream_noise
@@ -64,7 +62,9 @@ TINY_SHARES = {"model": 0.1, "self-sampling": 0.3, "training": 0.6}
 
 def demo_phases(model: str | None, steps: int, replies: int) -> Phases:
     """The tiny demo's phase headers: the model, self-sampling, training."""
-    first = f"loading {model}" if model else "building a tiny Llama model and a BPE tokenizer trained on the bundled text"
+    first = (
+        f"loading {model}" if model else "building a tiny Llama model and a BPE tokenizer trained on the bundled text"
+    )
     return Phases(
         [
             Phase("model", first, TINY_SHARES["model"]),
@@ -144,8 +144,8 @@ def build_demo_trainer(
         processing_class=tokenizer,
         peft_config=None if model is None else get_peft_config(),  # a real model (8-bit on CUDA) trains LoRA + <sep>
     )
-    trainer.remove_callback(PrinterCallback)  # the table below says it more briefly than one dict per step
-    trainer.add_callback(first_step_callback(partial(phases.first_batch, "training", unit="steps", what="training")))
+    # a named bar with the loss, in place of one dict per step (the table at the end says it more briefly)
+    label_training_bar(trainer, "training", partial(phases.first_batch, "training", unit="steps", what="training"))
     phases.start("training")
     return trainer
 

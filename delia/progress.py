@@ -23,9 +23,12 @@ def duration(seconds: float) -> str:
 
 
 def say(line: str) -> None:
-    """One line on stdout, flushed: a bar or a log line written next will not overtake it."""
-    print(line, flush=True)
+    """One line on stdout, above any progress bar showing (tqdm moves the bar below it), flushed."""
+    from tqdm.auto import tqdm
+
     sys.stderr.flush()
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 @dataclass
@@ -92,18 +95,35 @@ def slow_cpu_notice(native_bf16: bool, has_gpu: bool) -> str | None:
     )
 
 
-def first_step_callback(report: Callable[[int, int, float], None]) -> Any:
-    """A `TrainerCallback` that calls `report(1, max_steps, seconds)` once the first optimizer step has ended."""
-    from transformers import TrainerCallback
+def label_training_bar(trainer: Any, label: str, on_first_step: Callable[..., None] | None = None) -> None:
+    """Give `trainer` a progress bar named `label` (steps, ETA, the latest loss and tokens/s) in place of the Trainer's
+    unnamed bar and its log dict per step; `on_first_step(1, max_steps, seconds)` hears the first optimizer step."""
+    from tqdm.auto import tqdm
+    from transformers import PrinterCallback, ProgressCallback
 
-    class FirstStep(TrainerCallback):
-        started = 0.0
+    class LabelledBar(ProgressCallback):
+        started, tokens, seconds = 0.0, None, 0.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started = time.perf_counter()
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=state.max_steps, desc=label, unit="step", dynamic_ncols=True)
+            self.current_step, self.started = 0, time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == 1:
-                report(1, state.max_steps, time.perf_counter() - self.started)
+            super().on_step_end(args, state, control, **kwargs)
+            if state.global_step == 1 and on_first_step is not None and state.is_world_process_zero:
+                on_first_step(1, state.max_steps, time.perf_counter() - self.started)
 
-    return FirstStep()
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if self.training_bar is None or not logs or "loss" not in logs:
+                return
+            parts = [f"loss {logs['loss']:.3f}"]
+            now, tokens = time.perf_counter(), logs.get("num_tokens")
+            if isinstance(tokens, int | float) and self.tokens is not None and now > self.seconds:
+                parts.append(f"{(tokens - self.tokens) / (now - self.seconds):.0f} tokens/s")
+            self.tokens, self.seconds = tokens, now
+            self.training_bar.set_postfix_str(", ".join(parts), refresh=False)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LabelledBar())

@@ -37,7 +37,7 @@ from .evaluation.eval_data import EvalData, load_eval_data
 from .evaluation.evaluate import EvalArguments, evaluate_model, write_report
 from .evaluation.report import read_report
 from .io import replace_atomically
-from .progress import first_step_callback
+from .progress import label_training_bar
 from .run_files import EVAL_REPORT_FILE, SWEEP_CSV_FILE, SWEEP_TABLE_FILE
 from .runtime import start_run_folder
 
@@ -177,9 +177,9 @@ def train_and_evaluate(
         trainer = build_trainer(model_args, run_args)
     except (ValueError, OSError) as error:
         raise SweepInputError(f"{ratio_name(ratio)}, seed {seed}: {error}") from None
-    if phases is not None:  # the first optimizer step's time: how long this run's training will take
+    if phases is not None:  # a named bar; the first optimizer step's time: how long this run's training will take
         heard = partial(phases.first_batch, f"{ratio_name(ratio)}/seed-{seed}", unit="steps", what="its training")
-        trainer.add_callback(first_step_callback(heard))
+        label_training_bar(trainer, f"training {ratio_name(ratio)}", heard)
     train_seconds = trainer.train().metrics.get("train_runtime")
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the log history, for `delia plot`

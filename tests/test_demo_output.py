@@ -64,7 +64,9 @@ def test_the_tiny_demo_says_what_it_does_and_warns_of_nothing_of_its_own(tmp_pat
     assert "self-sampling the diverse cache: 256 replies" in headers[1]
     measured = [line.strip() for line in captured.out.splitlines() if line.strip().startswith("measured:")]
     assert len(measured) == 2 and "the demo about" in measured[0] and "steps took" in measured[1], measured
-    assert "self-sampling: 100%" in captured.err and "tokens/s" in captured.err  # the labelled bar, at its end
+    # the labelled bars, at their end: replies and steps, each with tokens/s; no log dict per step
+    assert "self-sampling: 100%" in captured.err and "training: 100%" in captured.err, captured.err
+    assert "tokens/s" in captured.err and "{'loss'" not in captured.out + captured.err
 
     summary = json.loads((output / "summary.json").read_text())
     assert summary["rows"]["diverse"] == 4 * 48  # ratio 4 is drawn from the cache, none of it twice
