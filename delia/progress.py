@@ -14,7 +14,9 @@ from typing import Any
 
 
 def duration(seconds: float) -> str:
-    """Seconds as a reader says them: 40 s, 3.5 min, 1.2 h."""
+    """Seconds as a reader says them: 0.4 s, 40 s, 3.5 min, 1.2 h."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -102,7 +104,7 @@ def label_training_bar(trainer: Any, label: str, on_first_step: Callable[..., No
     from transformers import PrinterCallback, ProgressCallback
 
     class LabelledBar(ProgressCallback):
-        started, tokens, seconds = 0.0, None, 0.0
+        started, first = 0.0, None  # (tokens, time) at the first logged step: tokens/s since then
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
@@ -119,9 +121,10 @@ def label_training_bar(trainer: Any, label: str, on_first_step: Callable[..., No
                 return
             parts = [f"loss {logs['loss']:.3f}"]
             now, tokens = time.perf_counter(), logs.get("num_tokens")
-            if isinstance(tokens, int | float) and self.tokens is not None and now > self.seconds:
-                parts.append(f"{(tokens - self.tokens) / (now - self.seconds):.0f} tokens/s")
-            self.tokens, self.seconds = tokens, now
+            if isinstance(tokens, int | float) and self.first is not None and now > self.first[1]:
+                parts.append(f"{(tokens - self.first[0]) / (now - self.first[1]):.0f} tokens/s")
+            elif isinstance(tokens, int | float):
+                self.first = (tokens, now)
             self.training_bar.set_postfix_str(", ".join(parts), refresh=False)
 
     trainer.remove_callback(PrinterCallback)

@@ -34,7 +34,7 @@ def test_phase_headers_and_the_estimate_from_the_first_batch(capsys):
         "[2/2] second thing: about 75% of the time",
         "    measured: the first of 10 steps took 3 s, so its training about 30 s",
     ]
-    assert [duration(s) for s in (40, 210, 7200)] == ["40 s", "3.5 min", "2.0 h"]
+    assert [duration(s) for s in (0.42, 40, 210, 7200)] == ["0.4 s", "40 s", "3.5 min", "2.0 h"]
 
 
 def test_the_notice_is_for_a_cpu_without_native_bf16_only(tmp_path, monkeypatch, capsys):

@@ -220,10 +220,10 @@ def _panels(count: int, title: str):
 
 #: How each kind of loss curve is drawn, and what the legend says of it.
 LOSS_STYLES = {
-    "downstream (train)": ("-", "training loss, downstream rows"),
-    "train": ("-", "training loss (plain SFT: downstream rows only)"),
-    "diverse (train)": (":", "training loss, diverse rows"),
-    "eval": ("o--", "eval loss"),
+    "downstream (train)": ("-", "train: downstream rows"),
+    "train": ("-", "train (plain SFT: downstream rows only)"),
+    "diverse (train)": (":", "train: diverse rows"),
+    "eval": ("o--", "eval"),
 }
 
 
@@ -234,24 +234,26 @@ def _loss_series(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, Points
     return [*curves, ("eval", series(history, EVAL_LOSS_KEY))]
 
 
-def _loss_legends(axes: Any, runs: Sequence[str], drawn: set[str]) -> None:
-    """Two legends beside the axes, so they never hide a curve: colour = run (with several), line style = loss."""
+def _loss_legends(figure: Any, axes: Any, runs: Sequence[str], drawn: set[str]) -> None:
+    """Legends that never hide a curve: with several runs, colour = run and line style = loss, beside the axes."""
     from matplotlib.lines import Line2D
 
     kinds = [(style, text) for name, (style, text) in LOSS_STYLES.items() if name in drawn]
     if {"train", "downstream (train)"} <= drawn:  # one solid line each: what plain SFT and DELIA both learn from
-        kinds = [("-", "training loss, downstream rows (plain SFT: all its rows)")] + kinds[2:]
-    if len(runs) > 1:
-        colours = [Line2D([], [], color=f"C{index % 10}", linewidth=3) for index in range(len(runs))]
-        legend = axes.legend(colours, runs, title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
-        axes.add_artist(legend)
+        kinds = [("-", "train: downstream rows (plain SFT: all)")] + kinds[2:]
     styles = [
         Line2D([], [], color="0.3", linestyle=style.lstrip("o"), marker="o" * style.startswith("o"))
         for style, _ in kinds
     ]
+    texts = [text for _, text in kinds]
+    if len(runs) <= 1:
+        if styles:
+            axes.legend(styles, texts, fontsize="small", loc="best")
+        return
+    colours = [Line2D([], [], color=f"C{index % 10}", linewidth=3) for index in range(len(runs))]
+    figure.legend(colours, runs, title="run", loc="outside right upper", fontsize="small")
     if styles:
-        where = {"loc": "lower left", "bbox_to_anchor": (1.02, 0)} if len(runs) > 1 else {"loc": "best"}
-        axes.legend(styles, [text for _, text in kinds], fontsize="small", **where)
+        figure.legend(styles, texts, title="curve", loc="outside right lower", fontsize="small")
 
 
 def plot_loss(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike | None = None):
@@ -259,6 +261,7 @@ def plot_loss(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
 
     Each line is labelled `<run>: <curve>` (the legends show colours and styles apart)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(9 if len(histories) > 1 else 7, 4.5), layout="constrained")
     axes = figure.subplots()
@@ -270,10 +273,11 @@ def plot_loss(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
                 style = LOSS_STYLES[name][0]
                 axes.plot(*zip(*points, strict=True), style, color=f"C{index % 10}", label=f"{run}: {name}", ms=4)
     axes.set_xlabel("optimizer step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("mean NLL per token")
     only = f": {next(iter(histories))}" if len(histories) == 1 else ""
     axes.set_title(f"Training and eval loss{only}")
-    _loss_legends(axes, list(histories), drawn)
+    _loss_legends(figure, axes, list(histories), drawn)
     if path is not None:
         save_figure(figure, path)
     return figure
@@ -282,19 +286,25 @@ def plot_loss(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
 def plot_curves(
     curves: Mapping[str, Mapping[str, Points]], title: str, ylabel: str, path: str | os.PathLike | None = None
 ):
-    """One panel per curve name ({run: {name: points}}), one line per run in each; None when there is nothing."""
+    """One panel per curve name ({run: {name: points}}), one line per run in each (colour = run, as in loss.png);
+    None when there is nothing."""
+    from matplotlib.ticker import MaxNLocator
+
     names = list(dict.fromkeys(name for per_run in curves.values() for name in per_run))
     if not names:
         return None
-    figure, panels = _panels(len(names), title)
+    drawn = [run for run, per_run in curves.items() if any(per_run.values())]
+    figure, panels = _panels(len(names), f"{title}: {drawn[0]}" if len(drawn) == 1 else title)
     for axes, name in zip(panels, names, strict=True):
         for index, (run, per_run) in enumerate(curves.items()):
             if per_run.get(name):
                 axes.plot(*zip(*per_run[name], strict=True), "o-", color=f"C{index % 10}", label=run, markersize=3)
         axes.set_title(name, fontsize="medium")
         axes.set_xlabel("optimizer step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(ylabel)
-        axes.legend(fontsize="small")
+        if len(drawn) > 1:  # one run is named in the title
+            axes.legend(fontsize="small")
     if path is not None:
         save_figure(figure, path)
     return figure
@@ -317,7 +327,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLi
     figures = {
         "loss.png": plot_loss(histories),
         "token_loss.png": plot_curves(token_losses, "Tracked-token loss on the eval rows", "mean NLL"),
-        "eval_metrics.png": plot_curves(metrics, "Eval metrics", "value"),
+        "eval_metrics.png": plot_curves(metrics, "Eval metrics (TRL's, on the eval rows)", ""),
     }
     figures = {name: figure for name, figure in figures.items() if figure is not None}
     for name, figure in figures.items():
