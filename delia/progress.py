@@ -109,7 +109,11 @@ def label_training_bar(trainer: Any, label: str, on_first_step: Callable[..., No
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
                 self.training_bar = tqdm(total=state.max_steps, desc=label, unit="step", dynamic_ncols=True)
-            self.current_step, self.started = 0, time.perf_counter()
+            self.current_step, self.started = 0, 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not self.started:  # the first step's start: an eval at the start (eval_on_start) is not a step
+                self.started = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             super().on_step_end(args, state, control, **kwargs)
