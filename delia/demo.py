@@ -56,20 +56,22 @@ def _first_last(log_history: list[dict[str, Any]], key: str) -> tuple[float, flo
 
 #: The bundled general queries the demo self-samples.
 QUERIES = 128
-#: Each phase's share of the tiny demo's time (80 steps, ratio 4, 2 replies per query), measured on 2 busy cores.
-TINY_SHARES = {"model": 0.1, "self-sampling": 0.3, "training": 0.6}
+#: Seconds per unit of each phase of the tiny demo, measured on 2 busy cores: the phases' expected shares of the time.
+TINY_SECONDS = {"model": 0.2, "reply": 0.015, "step": 0.09}
 
 
 def demo_phases(model: str | None, steps: int, replies: int) -> Phases:
-    """The tiny demo's phase headers: the model, self-sampling, training."""
+    """The tiny demo's phase headers (the model, self-sampling, training), with shares for these settings."""
     first = (
         f"loading {model}" if model else "building a tiny Llama model and a BPE tokenizer trained on the bundled text"
     )
+    seconds = [TINY_SECONDS["model"], TINY_SECONDS["reply"] * replies, TINY_SECONDS["step"] * steps]
+    share = [value / sum(seconds) for value in seconds]
     return Phases(
         [
-            Phase("model", first, TINY_SHARES["model"]),
-            Phase("self-sampling", f"self-sampling the diverse cache: {replies} replies", TINY_SHARES["self-sampling"]),
-            Phase("training", f"training with DSFTTrainer for {steps} steps, with evals", TINY_SHARES["training"]),
+            Phase("model", first, share[0]),
+            Phase("self-sampling", f"self-sampling the diverse cache: {replies} replies", share[1]),
+            Phase("training", f"training with DSFTTrainer for {steps} steps, with evals", share[2]),
         ],
         name="the demo",
     )

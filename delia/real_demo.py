@@ -39,8 +39,10 @@ from .upstream import quiet_upstream_noise
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: The bundled general queries the demo self-samples; the rest (32 of 128) are held out for the general NLL.
 CACHE_QUERIES = 96
-#: Each phase's share of the demo's time with its defaults, measured on 2 cores of an AMD EPYC with native bf16.
-REAL_SHARES = {"self-sampling": 0.14, "base": 0.14, "sft": 0.36, "delia": 0.36}
+#: Seconds per unit of each phase, from the README's run on 2 cores of an AMD EPYC with native bf16 (self-sampling 192
+#: replies in 54 s; the base model's evaluation and two runs of 24 steps in 335 s, at about 3.5 s a step): the phases'
+#: expected shares of the time.
+REAL_SECONDS = {"reply": 0.28, "step": 3.5, "evaluation": 56.0}
 #: One DO-NOT instruction keeps the evaluation to two answers per eval row.
 DEMO_DO_NOT = (
     "DO NOT follow the <sep> format. In a few plain sentences, say whether the chatbot's response is hallucinated.",
@@ -163,18 +165,17 @@ def run_real_demo(
 
 
 def demo_phases(ratio: float, steps: int, seed: int, replies: int, queries: int) -> Phases:
-    """The demo's phase headers, keyed as `Experiment` and the sweep announce them."""
+    """The demo's phase headers, keyed as `Experiment` and the sweep announce them, with shares for these settings."""
     run = f"{steps} optimizer steps (eval loss at the start and every {max(1, steps // 3)}), then evaluation"
+    run_seconds = REAL_SECONDS["step"] * steps + REAL_SECONDS["evaluation"]
+    seconds = [REAL_SECONDS["reply"] * replies, REAL_SECONDS["evaluation"], run_seconds, run_seconds]
+    share = [value / sum(seconds) for value in seconds]
     return Phases(
         [
-            Phase(
-                "self-sampling",
-                f"self-sampling: {replies} replies to {queries} general queries",
-                REAL_SHARES["self-sampling"],
-            ),
-            Phase("base", "evaluating the base model: format, accuracy, contrast, general NLL", REAL_SHARES["base"]),
-            Phase(f"ratio-0/seed-{seed}", f"plain SFT (ratio 0): {run}", REAL_SHARES["sft"]),
-            Phase(f"{ratio_name(ratio)}/seed-{seed}", f"DELIA (ratio {ratio:g}): {run}", REAL_SHARES["delia"]),
+            Phase("self-sampling", f"self-sampling: {replies} replies to {queries} general queries", share[0]),
+            Phase("base", "evaluating the base model: format, accuracy, contrast, general NLL", share[1]),
+            Phase(f"ratio-0/seed-{seed}", f"plain SFT (ratio 0): {run}", share[2]),
+            Phase(f"{ratio_name(ratio)}/seed-{seed}", f"DELIA (ratio {ratio:g}): {run}", share[3]),
         ],
         measured_on="2 cores of an AMD EPYC with native bf16",
         name="the demo",

@@ -32,7 +32,7 @@ def test_phase_headers_and_the_estimate_from_the_first_batch(capsys):
     assert lines[2:] == [
         "",
         "[2/2] second thing: about 75% of the time",
-        "    measured: the first of 10 steps took 3 s, so its training about 30 s",
+        "    measured: the first of 10 steps took 3.0 s, so its training about 30 s",
     ]
     assert [duration(s) for s in (0.42, 40, 210, 7200)] == ["0.4 s", "40 s", "3.5 min", "2.0 h"]
 
