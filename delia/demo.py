@@ -43,8 +43,14 @@ def build_demo_model(folder: str, seed: int) -> str:
         with open(demo_file(name), encoding="utf-8") as handle:
             texts += [message["content"] for line in handle for message in json.loads(line)["messages"]]
     tokenizer = build_tiny_tokenizer("llama2", vocab_size=1024, texts=texts)
-    save_tiny_model(
-        folder, tokenizer=tokenizer, tie_word_embeddings=False, hidden_size=96, num_hidden_layers=2, seed=seed
+    save_tiny_model(  # 2048 positions: a long bundled prompt and its reply fit (RoPE: the weights are the same)
+        folder,
+        tokenizer=tokenizer,
+        tie_word_embeddings=False,
+        hidden_size=96,
+        num_hidden_layers=2,
+        seed=seed,
+        max_position_embeddings=2048,
     )
     return folder
 

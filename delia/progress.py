@@ -67,16 +67,26 @@ class Phases:
         detail = f" ({detail})" if detail else ""
         say(f"\n[{index + 1}/{len(self.phases)}] {phase.title}{detail}: about {phase.share:.0%} of the time")
 
-    def first_batch(self, key: str, done: int, total: int, seconds: float, unit: str, what: str = "this phase") -> None:
-        """After the first batch of phase `key` (`done` of `total` `unit`s in `seconds`), print once how long `what`
-        and, the first time anything is measured, the whole run will take."""
+    def first_batch(
+        self,
+        key: str,
+        done: int,
+        total: int,
+        seconds: float,
+        unit: str,
+        what: str = "this phase",
+        counted: str | None = None,
+    ) -> None:
+        """After the first batch of phase `key` (`done` of `total` `unit`s in `seconds`; `counted` names the batch
+        when it is not the first), print once how long `what` and, the first time anything is measured, the whole run
+        will take."""
         found = self._find(key)
         if found is None or key in self.estimated or done <= 0 or total <= 0:
             return
         first = not self.estimated
         self.estimated.add(key)
         phase_seconds = seconds * total / done
-        counted = "the first" if done == 1 else f"the first {done}"
+        counted = counted or ("the first" if done == 1 else f"the first {done}")
         line = f"    measured: {counted} of {total} {unit} took {duration(seconds)}, so {what} about "
         line += duration(phase_seconds)
         if first and found[1].share > 0:  # the phases from this one on, scaled by this one's measured time
@@ -99,7 +109,8 @@ def slow_cpu_notice(native_bf16: bool, has_gpu: bool) -> str | None:
 
 def label_training_bar(trainer: Any, label: str, on_first_step: Callable[..., None] | None = None) -> None:
     """Give `trainer` a progress bar named `label` (steps, ETA, the latest loss and tokens/s) in place of the Trainer's
-    unnamed bar and its log dict per step; `on_first_step(1, max_steps, seconds)` hears the first optimizer step."""
+    unnamed bar and its log dict per step; `on_first_step(1, max_steps, seconds, counted=)` hears the time of one
+    early optimizer step (the second, else the first)."""
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, ProgressCallback
 
@@ -109,16 +120,18 @@ def label_training_bar(trainer: Any, label: str, on_first_step: Callable[..., No
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
                 self.training_bar = tqdm(total=state.max_steps, desc=label, unit="step", dynamic_ncols=True)
-            self.current_step, self.started = 0, 0.0
+            self.current_step = 0
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not self.started:  # the first step's start: an eval at the start (eval_on_start) is not a step
-                self.started = time.perf_counter()
+            self.started = time.perf_counter()  # after any eval at the start (eval_on_start): that is not a step
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             super().on_step_end(args, state, control, **kwargs)
-            if state.global_step == 1 and on_first_step is not None and state.is_world_process_zero:
-                on_first_step(1, state.max_steps, time.perf_counter() - self.started)
+            # the second step, when there is one: the first also pays for one-time set-up (allocation, warm-up)
+            measured = min(2, state.max_steps)
+            if state.global_step == measured and on_first_step is not None and state.is_world_process_zero:
+                counted = "the second" if measured == 2 else None
+                on_first_step(1, state.max_steps, time.perf_counter() - self.started, counted=counted)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             if self.training_bar is None or not logs or "loss" not in logs:

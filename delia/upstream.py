@@ -10,12 +10,11 @@ why delia needs it, and how it degrades when the private name is gone.
 | `fused_head_output`, `forward_outputs` | the `log_probs` / `label_mask` of TRL's fused LM head output | trl 1.10-1.16 |
 | `expose_trainable_token_lm_head_bias` | `peft.utils.other.TrainableTokensWrapper` (no `bias`) | peft 0.15-0.21 |
 | `add_signature_column` | `Trainer._set_signature_columns_if_needed` / `_signature_columns` | transformers 5.x |
-| `quiet_upstream_noise` | the text of three upstream warnings (`UPSTREAM_NOISE`, `NOISY_LOG_LINES`) | transformers 5.x, peft 0.21 |
+| `quiet_upstream_noise` | the text of two upstream warnings (`UPSTREAM_NOISE`) | transformers 5.x, peft 0.21 |
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 import warnings
@@ -103,34 +102,22 @@ UPSTREAM_NOISE = (
     # peft, on saving a LoRA run: delia adds and trains <sep> on purpose, so its embedding is saved on purpose
     ("Setting `save_embedding_layers` to `True`", UserWarning),
 )
-#: Upstream log lines of the same kind: (logger, start of the message).
-NOISY_LOG_LINES = (
-    # generate(), when a model's generation_config carries a max_length and delia passes max_new_tokens, which wins
-    ("transformers.generation.utils", "Both `max_new_tokens`"),
-)
-
-
-class _DropLines(logging.Filter):
-    def __init__(self, start: str) -> None:
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
 
 
 @contextmanager
 def quiet_upstream_noise() -> Iterator[None]:
-    """Hide `UPSTREAM_NOISE` and `NOISY_LOG_LINES` meanwhile, matched by message and category; every other warning,
-    and these outside the block, are left as they are. The demos run inside it; a library user sees everything."""
-    filters = [(logging.getLogger(name), _DropLines(start)) for name, start in NOISY_LOG_LINES]
+    """Hide `UPSTREAM_NOISE` meanwhile, matched by message and category (and the `datasets` progress bar of each small
+    map); every other warning, and these outside the block, are left as they are. The demos run inside it; a library
+    user sees everything."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per map over 48 rows: twenty lines that say nothing
     with warnings.catch_warnings():
         for start, category in UPSTREAM_NOISE:
             warnings.filterwarnings("ignore", message=re.escape(start), category=category)
-        for logger, drop in filters:
-            logger.addFilter(drop)
         try:
             yield
         finally:
-            for logger, drop in filters:
-                logger.removeFilter(drop)
+            if bars:
+                datasets.enable_progress_bars()
