@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -169,6 +170,7 @@ def _answer(
     sort_by_length: bool,
     keep_degenerate: bool,
     progress: bool,
+    on_batch: Callable[[int, int, float], None] | None = None,
 ) -> _Tally:
     """Phase 3: answer every query and append its row to `target`, `batch_size` replies per flushed, fsynced write.
 
@@ -185,7 +187,7 @@ def _answer(
         contextlib.closing(
             answer(engine, conversations, ids, sampling, where=where, sort_by_length=sort_by_length)
         ) as replies,  # the backend is stopped on an error too
-        tqdm(total=len(queries), unit="row", disable=not progress) as bar,
+        tqdm(total=len(queries), desc="self-sampling", unit="reply", disable=not progress, dynamic_ncols=True) as bar,
     ):
         try:
             for index, reply in replies:
@@ -200,8 +202,11 @@ def _answer(
                 if unwritten == batch_size:
                     batch, rows, unwritten = rows, [], 0  # taken first: a failed write is never written twice
                     tally.written += writer.write(batch)
+                    seconds = time.perf_counter() - started
+                    bar.set_postfix_str(f"{tally.tokens / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
                     bar.update(batch_size)
-                    bar.set_postfix(tokens_per_s=f"{tally.tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+                    if on_batch is not None:
+                        on_batch(bar.n, len(queries), seconds)
         finally:
             if rows:
                 tally.written += writer.write(rows)
@@ -304,6 +309,7 @@ def build_cache(
     *,
     tokenizer: Any = None,
     progress: bool = True,
+    on_batch: Callable[[int, int, float], None] | None = None,
     **options: Any,
 ) -> CacheResult:
     """Self-sample one reply per query (`samples_per_query` each) into the JSONL `output` (appending, resumable).
@@ -314,7 +320,8 @@ def build_cache(
     fields of `BuildCacheArguments` (see there); `backend` may also be a `BackendOptions`, and `backend_options=`
     passes more constructor arguments (e.g. `{"max_retries": 2}` for openai, engine arguments for vLLM). Each request
     is seeded from `seed` and its query's id (`request_seed`); the k-th extra sample of a query has id `<id>-<k>`.
-    The result stands for the output path (`os.fspath`, `str`); see the module docstring and `<output>.meta.json`.
+    The result stands for the output path (`os.fspath`, `str`). `progress` shows a bar (replies, ETA, tokens/s);
+    `on_batch(done, total, seconds)` hears of each written batch.
     """
     arguments, backend = _options(options)
     if output is None:
@@ -356,25 +363,30 @@ def build_cache(
         if mine:  # with nothing left to answer here, the model is not even loaded
             target = shard_path(output, state.process_index, state.num_processes) if state.num_processes > 1 else output
             engine = engine or make_backend(backend, model, tokenizer=tokenizer, seed=arguments.seed)
-            conversations = [
-                build_conversation(query.query, query.reference, arguments.template, arguments.system_prompt)
-                for query in mine
-            ]
             tally = _answer(
                 engine,
                 mine,
-                conversations,
+                _conversations(mine, arguments),
                 target,
                 sampling=arguments.sampling(),
                 batch_size=backend.batch_size,
                 sort_by_length=arguments.sort_by_length,
                 keep_degenerate=arguments.keep_degenerate,
                 progress=progress and state.is_main_process,
+                on_batch=on_batch if state.is_main_process else None,
             )
     finally:
         if engine is not None:
             engine.close()
     return _finalise(output, all_queries, pending, tally, described, repaired, started, state, generated)
+
+
+def _conversations(queries: list[Query], arguments: BuildCacheArguments) -> list[Conversation]:
+    """Each query's conversation, in the `reference` or `plain` template after the system prompt."""
+    return [
+        build_conversation(query.query, query.reference, arguments.template, arguments.system_prompt)
+        for query in queries
+    ]
 
 
 def _name(source: Any) -> str:

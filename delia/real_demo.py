@@ -9,7 +9,8 @@
    held-out queries. This is `delia sweep --ratios 0 R --budget steps` (`delia.sweep`), so each run folder is a
    sweep run folder.
 4. Write `comparison.md` (the `delia eval --compare` table of base, SFT and DELIA), `loss.png` (both runs' training
-   loss), `summary.json`, and print the table, a verdict line that says which way the numbers went, and the wall time.
+   and eval loss), `summary.json`, and print the table, a verdict line that says which way the numbers went, and the
+   wall time. Each phase is announced with its share of the time; the first batch gives an estimate of the whole.
 
 One seed and a few dozen steps on 48 rows: the verdict says which way this run went, not whether the difference would
 hold over seeds; `reproduce_checkpoint/small/` runs the seeds and ratios for that.
@@ -30,13 +31,19 @@ from .evaluation.plots import plot_loss, read_log_history
 from .evaluation.report import compare_reports, read_report
 from .experiment import Experiment
 from .io import write_json_atomically, write_text_atomically
+from .progress import Phase, Phases, say
 from .run_files import COMPARISON_FILE, DIVERSE_CACHE_FILE, LOSS_PLOT_FILE, SUMMARY_FILE
-from .sweep import SweepArguments, run_folder
+from .sweep import SweepArguments, ratio_name, run_folder
 from .train import ModelArguments
+from .upstream import quiet_upstream_noise
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 #: The bundled general queries the demo self-samples; the rest (32 of 128) are held out for the general NLL.
 CACHE_QUERIES = 96
+#: Seconds per unit of each phase, from the README's run on 2 cores of an AMD EPYC with native bf16 (self-sampling 192
+#: replies in 54 s; the base model's evaluation and two runs of 24 steps in 335 s, at about 3.5 s a step): the phases'
+#: expected shares of the time.
+REAL_SECONDS = {"reply": 0.28, "step": 3.5, "evaluation": 56.0}
 #: One DO-NOT instruction keeps the evaluation to two answers per eval row.
 DEMO_DO_NOT = (
     "DO NOT follow the <sep> format. In a few plain sentences, say whether the chatbot's response is hallucinated.",
@@ -139,7 +146,9 @@ def run_real_demo(
         )
     if steps <= 0:
         raise ValueError(f"--steps must be a positive integer, got {steps}")
-    experiment = Experiment.start(model, output)
+    phases = demo_phases(ratio, steps, seed, samples_per_query * cache_queries, cache_queries)
+    say(f"DELIA demo on {model}: plain SFT against DELIA (ratio {ratio:g}), {steps} steps each; run folder {output}")
+    experiment = Experiment.start(model, output, phases)
     cache = experiment.self_sample(
         DEFAULT_GENERAL_QUERIES,
         os.path.join(output, DIVERSE_CACHE_FILE),
@@ -176,6 +185,24 @@ def run_real_demo(
     return summary
 
 
+def demo_phases(ratio: float, steps: int, seed: int, replies: int, queries: int) -> Phases:
+    """The demo's phase headers, keyed as `Experiment` and the sweep announce them, with shares for these settings."""
+    run = f"{steps} optimizer steps (eval loss at the start and every {max(1, steps // 3)}), then evaluation"
+    run_seconds = REAL_SECONDS["step"] * steps + REAL_SECONDS["evaluation"]
+    seconds = [REAL_SECONDS["reply"] * replies, REAL_SECONDS["evaluation"], run_seconds, run_seconds]
+    share = [value / sum(seconds) for value in seconds]
+    return Phases(
+        [
+            Phase("self-sampling", f"self-sampling: {replies} replies to {queries} general queries", share[0]),
+            Phase("base", "evaluating the base model: format, accuracy, contrast, general NLL", share[1]),
+            Phase(f"ratio-0/seed-{seed}", f"plain SFT (ratio 0): {run}", share[2]),
+            Phase(f"{ratio_name(ratio)}/seed-{seed}", f"DELIA (ratio {ratio:g}): {run}", share[3]),
+        ],
+        measured_on="2 cores of an AMD EPYC with native bf16",
+        name="the demo",
+    )
+
+
 def _training_setup(
     model_path: str, output: str, cache: str, steps: int, learning_rate: float, seed: int
 ) -> tuple[ModelArguments, DSFTConfig]:
@@ -194,7 +221,9 @@ def _training_setup(
         warmup_steps=min(5, steps // 5),
         max_length=512,
         logging_steps=1,
-        eval_strategy="no",
+        eval_strategy="steps",  # the eval loss for loss.png: 16 rows, a few seconds each time
+        eval_steps=max(1, steps // 3),
+        eval_on_start=True,
         save_strategy="no",
         report_to="none",
         disable_tqdm=False,
@@ -204,7 +233,8 @@ def _training_setup(
 
 
 def _compare(output: str, ratio: float, seed: int) -> tuple[str, str]:
-    """Write comparison.md (base, SFT, DELIA side by side) and loss.png; return the table and the verdict."""
+    """Write comparison.md (base, SFT, DELIA side by side) and loss.png (both runs' training and eval loss); return
+    the table and the verdict."""
     folders = {
         "base": os.path.join(output, "base"),
         "SFT": run_folder(output, 0.0, seed),
@@ -214,7 +244,7 @@ def _compare(output: str, ratio: float, seed: int) -> tuple[str, str]:
     table = compare_reports(list(folders.values()), list(folders))
     write_text_atomically(os.path.join(output, COMPARISON_FILE), table + "\n")
     histories = {
-        "SFT": read_log_history(folders["SFT"]),
+        "plain SFT (ratio 0)": read_log_history(folders["SFT"]),
         f"DELIA (ratio {ratio:g})": read_log_history(folders["DELIA"]),
     }
     plot_loss(histories, os.path.join(output, LOSS_PLOT_FILE))
@@ -236,15 +266,16 @@ def print_real_summary(summary: dict[str, Any]) -> None:
 def main(options: Any) -> int:
     """`delia demo --real` with `delia demo`'s parsed options (unset ones take this mode's defaults)."""
     try:
-        summary = run_real_demo(
-            options.output or "runs/demo-real",
-            options.model or DEFAULT_MODEL,
-            ratio=2.0 if options.ratio is None else options.ratio,
-            steps=24 if options.steps is None else options.steps,
-            seed=options.seed,
-            learning_rate=options.learning_rate,
-            samples_per_query=options.samples_per_query,
-        )
+        with quiet_upstream_noise():  # upstream warnings that mean nothing to someone running the demo
+            summary = run_real_demo(
+                options.output or "runs/demo-real",
+                options.model or DEFAULT_MODEL,
+                ratio=2.0 if options.ratio is None else options.ratio,
+                steps=24 if options.steps is None else options.steps,
+                seed=options.seed,
+                learning_rate=options.learning_rate,
+                samples_per_query=options.samples_per_query,
+            )
     except (ValueError, OSError) as error:
         print(f"delia demo: error: {error}", file=sys.stderr)
         return 2

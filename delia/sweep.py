@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .bundled import DEFAULT_EVAL_DATASET
@@ -42,6 +43,7 @@ from .evaluation.eval_data import EvalData, load_eval_data
 from .evaluation.evaluate import EvalArguments, evaluate_model, write_report
 from .evaluation.report import read_report
 from .evaluation.sweep_table import METRICS, markdown_table, plot_metrics, summarise, write_tables
+from .progress import label_training_bar
 from .run_files import EVAL_REPORT_FILE, SWEEP_CSV_FILE, SWEEP_TABLE_FILE
 from .runtime import start_run_folder
 
@@ -233,9 +235,10 @@ def train_and_evaluate(
     data: EvalData,
     generation_options: dict[str, Any],
     probe: bool = True,
+    phases: Any = None,
 ) -> dict[str, Any]:
     """Train one run of the sweep (an arm, or a ratio at `budget`) into its folder, evaluate it, write its report;
-    return the report."""
+    return the report (`phases`: see `run_sweep`)."""
     from .train import build_trainer
 
     arm = arm if isinstance(arm, Arm) else Arm(arm)
@@ -250,6 +253,9 @@ def train_and_evaluate(
         trainer = build_trainer(model_args, run_args)
     except (ValueError, OSError) as error:
         raise SweepInputError(f"{arm.name}, seed {seed}: {error}") from None
+    if phases is not None:  # a named bar; the first optimizer step's time: how long this run's training will take
+        heard = partial(phases.first_batch, f"{arm.name}/seed-{seed}", unit="steps", what="its training")
+        label_training_bar(trainer, f"training {arm.name}", heard)
     train_seconds = trainer.train().metrics.get("train_runtime")
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the log history, for `delia plot`
@@ -317,9 +323,12 @@ def evaluate_base(
 
 
 def run_sweep(
-    sweep: SweepArguments, eval_args: EvalArguments, model_args: Any, args: DSFTConfig
+    sweep: SweepArguments, eval_args: EvalArguments, model_args: Any, args: DSFTConfig, phases: Any = None
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every (arm, seed) not finished yet, then write the tables and figures; the table rows."""
+    """Train and evaluate every (arm, seed) not finished yet, then write the tables and figures; the table rows.
+
+    `phases` (`delia.progress.Phases`, keyed "base" and "<arm>/seed-S", e.g. "ratio-2/seed-0") prints a header before
+    each."""
     arms = sweep.plan()
     if sweep.budget == "steps" and args.max_steps <= 0:
         raise SweepInputError("--budget steps needs --max_steps > 0 (the same optimizer steps for every ratio)")
@@ -341,14 +350,19 @@ def run_sweep(
         raise SweepInputError(str(error)) from None
     generation = {**eval_args.generation_options(), "cpu_threads": args.cpu_threads}  # training's thread setting
     reports: dict[str, list[dict[str, Any]]] = {}
+    announce = phases.start if phases is not None else lambda key: None
     if sweep.include_base:
+        announce("base")
         reports["base"] = [evaluate_base(model_args, args, data, generation, seeds[0])]
     for arm in arms:
         for seed in seeds:
             folder = run_folder(args.output_dir, arm, seed)
             report = _finished(folder, _settings(model_args, args, arm, seed, sweep.budget))
             if report is None:
-                report = train_and_evaluate(model_args, args, arm, seed, sweep.budget, data, generation, sweep.probe)
+                announce(f"{arm.name}/seed-{seed}")
+                report = train_and_evaluate(
+                    model_args, args, arm, seed, sweep.budget, data, generation, sweep.probe, phases
+                )
             reports.setdefault(arm.name, []).append(report)
     rows = summarise(reports)
     write_tables(rows, args.output_dir)

@@ -96,6 +96,7 @@ def build_tiny_model(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     seed: int = 0,
+    max_position_embeddings: int = 512,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama model sized for `tokenizer` (about 100-200K parameters)."""
     config = LlamaConfig(
@@ -105,7 +106,7 @@ def build_tiny_model(
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -10,11 +10,14 @@ why delia needs it, and how it degrades when the private name is gone.
 | `fused_head_output`, `forward_outputs` | the `log_probs` / `label_mask` of TRL's fused LM head output | trl 1.10-1.16 |
 | `expose_trainable_token_lm_head_bias` | `peft.utils.other.TrainableTokensWrapper` (no `bias`) | peft 0.15-0.21 |
 | `add_signature_column` | `Trainer._set_signature_columns_if_needed` / `_signature_columns` | transformers 5.x |
+| `quiet_upstream_noise` | the text of two upstream warnings (`UPSTREAM_NOISE`) | transformers 5.x, peft 0.21 |
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -90,3 +93,31 @@ def add_signature_column(trainer: Any, column: str) -> None:
     columns = trainer._signature_columns
     if column not in columns:
         trainer._signature_columns = [*columns, column]
+
+
+#: Upstream warnings that tell a delia user nothing they can act on: (start of the message, category).
+UPSTREAM_NOISE = (
+    # transformers 5 deprecated the property that peft 0.21 and TRL 1.16 still read while wrapping a model
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # peft, on saving a LoRA run: delia adds and trains <sep> on purpose, so its embedding is saved on purpose
+    ("Setting `save_embedding_layers` to `True`", UserWarning),
+)
+
+
+@contextmanager
+def quiet_upstream_noise() -> Iterator[None]:
+    """Hide `UPSTREAM_NOISE` meanwhile, matched by message and category (and the `datasets` progress bar of each small
+    map); every other warning, and these outside the block, are left as they are. The demos run inside it; a library
+    user sees everything."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per map over 48 rows: twenty lines that say nothing
+    with warnings.catch_warnings():
+        for start, category in UPSTREAM_NOISE:
+            warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+        try:
+            yield
+        finally:
+            if bars:
+                datasets.enable_progress_bars()

@@ -68,3 +68,36 @@ def test_trainer_keeps_a_signature_column_list_to_extend():
     upstream.add_signature_column(holder, "source")
     upstream.add_signature_column(holder, "source")
     assert holder._signature_columns == ["input_ids", "labels", "source"]
+
+
+def test_the_demos_hide_exactly_the_upstream_noise_they_name():
+    """Each filtered text still occurs upstream (else the filter is dead); inside the block those are hidden, and
+    every other warning, or these outside it, are not."""
+    import inspect
+    import warnings
+
+    import datasets
+    import peft.utils.save_and_load
+    import transformers.modeling_utils
+
+    sources = {
+        "`is_gradient_checkpointing` is deprecated": transformers.modeling_utils,
+        "Setting `save_embedding_layers` to `True`": peft.utils.save_and_load,
+    }
+    assert [text for text, _ in upstream.UPSTREAM_NOISE] == list(sources)
+    for text, module in sources.items():
+        assert text in inspect.getsource(module), (text, module.__name__)
+    model = build_tiny_model(build_tiny_tokenizer("llama2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with upstream.quiet_upstream_noise():
+            model.is_gradient_checkpointing  # noqa: B018  (the property warns)
+            resized = "Setting `save_embedding_layers` to `True` as the embedding layer has been resized"
+            warnings.warn(resized, UserWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+            bars_inside = datasets.is_progress_bar_enabled()
+        inside = [str(warning.message) for warning in caught]
+        model.is_gradient_checkpointing  # noqa: B018
+    assert inside == ["something else"]
+    assert not bars_inside and datasets.is_progress_bar_enabled()
+    assert len(caught) == 2 and issubclass(caught[1].category, FutureWarning)  # outside the block: shown again

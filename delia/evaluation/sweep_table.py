@@ -128,24 +128,24 @@ def plot_metrics(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     paths = []
-    for key, label, _ in METRICS:
+    for key, label, kind in METRICS:
         if metrics is not None and key not in metrics:
             continue
-        means = [row[f"{key}_mean"] for row in rows]
+        means, stds = [row[f"{key}_mean"] for row in rows], [row[f"{key}_std"] for row in rows]
         if all(mean is None for mean in means):
             continue
-        figure, axes = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.5))
-        positions = range(len(rows))
-        axes.bar(
-            positions,
-            [math.nan if mean is None else mean for mean in means],
-            yerr=[row[f"{key}_std"] or 0.0 for row in rows],
-            capsize=4,
-            color="tab:blue",
-        )
-        axes.set_xticks(list(positions), [row["run"] for row in rows])
+        figure, axes = plt.subplots(figsize=(1.4 * len(rows) + 2.5, 3.5))  # n/a: no bar, but its label
+        heights = [0.0 if mean is None else mean for mean in means]
+        bars = axes.bar(range(len(rows)), heights, yerr=[std or 0.0 for std in stds], capsize=4, color="tab:blue")
+        # each value as the table writes it, so that a zero or a missing value is read, not guessed from no bar
+        axes.bar_label(bars, [_cell(kind, *pair) for pair in zip(means, stds, strict=True)], padding=4, fontsize=8)
+        axes.margins(y=0.2)  # room for the labels under the title
+        if kind in ("rate", "points"):  # fractions, shown as the table's percentages
+            axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+        axes.set_xticks(range(len(rows)), [row["run"] for row in rows])
         axes.set_ylabel(label)
         axes.set_title(f"{label} by run")
         figure.tight_layout()
