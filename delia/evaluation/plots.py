@@ -93,6 +93,10 @@ def runs_in(folder: str | os.PathLike) -> list[Path]:
     """The run folders a folder stands for: itself when it holds a log history, else the run folders one or two
     levels below it that do (a sweep's or `delia demo --real`'s `ratio-*/seed-*/`), in ratio then seed order."""
     root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"{folder}: no such folder (expected a run folder of delia train / delia demo, or a sweep's)"
+        )
     if not root.is_dir():
         raise ValueError(f"{folder}: not a folder (expected a run folder of delia train / delia demo, or a sweep's)")
     if _log_file(root) is not None:
