@@ -452,6 +452,8 @@ def test_sweep_table_gives_mean_and_std_over_seeds():
     assert rows[0]["probe_score_mean"] is None  # the base model is not probed
     # the probe's summary score: the mean over the upper half of the blocks (here the one block: 0.4 and 0.8)
     assert rows[1]["probe_score_mean"] == pytest.approx(0.6) and table[3].endswith("| 0.600 ± 0.283 |")
+    unprobed = markdown_table(summarise({"ratio-0": [old], "ratio-20": [run(0.5, 2.1, True, trained)]}))
+    assert "<sep> probe" not in unprobed and "<sep> probe" in table[0]  # no run probed: no column of n/a
 
 
 def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):

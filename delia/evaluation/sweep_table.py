@@ -98,13 +98,16 @@ def _count(value: float | None) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The sweep as a markdown table: one row per arm, mean ± std over seeds."""
-    header = ["run", "runs", *TRAINING_COLUMNS.values(), "format learned"] + [label for _, label, _ in METRICS]
+    """The sweep as a markdown table: one row per arm, mean ± std over seeds. The probe's column is left out when no run
+    was probed (`--probe false`, as in `delia demo --real`), rather than shown as n/a throughout."""
+    probed = any(row.get("probe_score_mean") is not None for row in rows)
+    metrics = [metric for metric in METRICS if probed or metric[0] != "probe_score"]
+    header = ["run", "runs", *TRAINING_COLUMNS.values(), "format learned"] + [label for _, label, _ in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["run"], str(row["runs"]), *(_count(row.get(key)) for key in TRAINING_COLUMNS)]
         cells.append(f"{row['format_learned']}/{row['runs']}")
-        cells += [_cell(kind, row[f"{key}_mean"], row[f"{key}_std"]) for key, _, kind in METRICS]
+        cells += [_cell(kind, row[f"{key}_mean"], row[f"{key}_std"]) for key, _, kind in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
