@@ -9,7 +9,6 @@ leaves out cores other programs keep busy. `DSFTTrainer` scores only the label p
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,9 +38,11 @@ def usable_cores() -> int:
 def _cpu_seconds() -> tuple[float, float] | None:
     """(seconds every CPU of the machine spent busy, seconds this process spent on a CPU), or None without /proc."""
     try:
+        import resource  # POSIX only, like /proc/stat
+
         with open("/proc/stat", encoding="ascii") as handle:
             ticks = [int(value) for value in handle.readline().split()[1:9]]
-    except (OSError, ValueError):
+    except (ImportError, OSError, ValueError):
         return None
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     usage = resource.getrusage(resource.RUSAGE_SELF)
