@@ -137,7 +137,7 @@ def _resume_or_reset(output: str, resume: bool, overwrite: bool, state: Any, gen
     if existing and not resume:
         if not overwrite:
             raise FileExistsError(
-                f"{output} already exists and resume=False: pass overwrite=True (CLI: --overwrite) to start over, "
+                f"{existing[0]} already exists and resume=False: pass overwrite=True (CLI: --overwrite) to start over, "
                 "or resume=True to continue it"
             )
         state.wait_for_everyone()
@@ -179,6 +179,7 @@ def _answer(
     are written before it is raised.
     """
     tally, rows, unwritten = _Tally(), [], 0
+    invalid_before = getattr(engine, "invalid_replies_retried", 0)  # the query generation's, if it used this engine
     started = time.perf_counter()
     ids = [query.id for query in queries]
     where = lambda index: queries[index].where  # noqa: E731
@@ -211,7 +212,7 @@ def _answer(
             if rows:
                 tally.written += writer.write(rows)
             bar.update(unwritten)
-            tally.invalid_replies_retried = getattr(engine, "invalid_replies_retried", 0)
+            tally.invalid_replies_retried = getattr(engine, "invalid_replies_retried", 0) - invalid_before
     return tally
 
 

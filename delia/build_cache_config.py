@@ -102,6 +102,8 @@ class BuildCacheArguments:
         _positive("generate_queries", self.generate_queries, allow_none=True)
         _positive("query_max_new_tokens", self.query_max_new_tokens)
         _positive("query_tries", self.query_tries)
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or self.cpu_threads < 0):
+            raise ValueError(f"cpu_threads must be unset or a whole number >= 0, got {self.cpu_threads!r}")
         if self.generate_queries is not None:
             self.template = "plain"  # a generated query has no reference answer
         _positive("samples_per_query", self.samples_per_query)

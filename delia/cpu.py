@@ -40,13 +40,18 @@ def _cpu_seconds() -> tuple[float, float] | None:
     try:
         import resource  # POSIX only, like /proc/stat
 
+        mine = {f"cpu{core}" for core in os.sched_getaffinity(0)}  # the cores this process may use, not the host's
+        busy = 0
         with open("/proc/stat", encoding="ascii") as handle:
-            ticks = [int(value) for value in handle.readline().split()[1:9]]
-    except (ImportError, OSError, ValueError):
+            for line in handle:
+                name, *values = line.split()
+                if name in mine:
+                    ticks = [int(value) for value in values[:8]]
+                    busy += sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait
+    except (ImportError, AttributeError, OSError, ValueError, IndexError):
         return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+    return busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
 
 
 class OtherLoad:
@@ -111,10 +116,11 @@ def free_threads(local_processes: int | None = None, busy_elsewhere: float | Non
     """
     local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     cores = usable_cores()
-    if busy_elsewhere is None:  # measured by `OtherLoad` when given; else the load average less the launch's own
+    if busy_elsewhere is None:  # the load average less the launch's own processes, shared among them
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        busy_elsewhere = max(0.0, load - local)
-    free = round(cores - busy_elsewhere) // max(1, local)
+        free = round(cores - max(0.0, load - local)) // max(1, local)
+    else:  # measured by `OtherLoad`: the launch's other processes count as busy already
+        free = round(cores - busy_elsewhere)
     return max(1, min(torch.get_num_threads(), cores // max(1, local), free))
 
 

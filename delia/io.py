@@ -155,18 +155,25 @@ def iter_jsonl(path: str | os.PathLike, skip_partial_tail: bool = False) -> Iter
 
     `skip_partial_tail` passes over a last line without its newline that is not JSON (what a kill mid-append leaves).
     """
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is named like any other bad line
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")
                 row = json.loads(line)
-            except ValueError as error:
+            except ValueError as error:  # UnicodeDecodeError and JSONDecodeError alike
+                line = raw.decode("utf-8", errors="replace")
                 if skip_partial_tail and not line.endswith("\n"):
                     return
+                problem = (
+                    f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+                    if isinstance(error, UnicodeDecodeError)
+                    else f"not valid JSON ({error})"
+                )
                 raise ValueError(
-                    f"{os.fspath(path)}, line {line_number}: not valid JSON ({error}); only the last line can be "
-                    "repaired automatically, so fix or move this file"
+                    f"{os.fspath(path)}, line {line_number}: {problem}; only the last line can be repaired "
+                    "automatically, so fix or move this file"
                 ) from None
             if not isinstance(row, dict):
                 raise ValueError(

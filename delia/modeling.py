@@ -368,6 +368,7 @@ def load_for_inference(
     """
     path = os.fspath(target)
     check_model_source(path, adapters=True)
+    quantization = resolve_quantization(quantization, torch.cuda.is_available())  # "none" and "auto" on a CPU: None
     options = {
         "quantization": quantization,
         "dtype": dtype,

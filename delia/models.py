@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import write_json_atomically
+from .io import read_json_or_none, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -134,27 +134,25 @@ def corruption(folder: str | os.PathLike) -> str | None:
     `VERIFIED_STAMP`), so a load costs a few `stat` calls; markers from before checksums are checked by size alone.
     """
     folder = Path(folder)
-    try:
-        files = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
-        stamp = (
-            json.loads((folder / VERIFIED_STAMP).read_text(encoding="utf-8"))
-            if (folder / VERIFIED_STAMP).exists()
-            else {}
-        )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"its marker {COMPLETE_MARKER} cannot be read ({error})"
+    marker = read_json_or_none(folder / COMPLETE_MARKER)
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return f"its marker {COMPLETE_MARKER} cannot be read"
+    stamp = read_json_or_none(folder / VERIFIED_STAMP)
+    stamp = stamp if isinstance(stamp, dict) else {}  # missing or damaged: every file is hashed again
     checked = {}
     for name, recorded in files.items():
-        if not isinstance(recorded, dict):  # {name: size}: written before checksums
-            continue
-        path = folder / name
         try:
-            stat = path.stat()
+            stat = (folder / name).stat()
         except OSError:
             return f"{name} is missing"
+        if not isinstance(recorded, dict):  # {name: size}: written before checksums
+            if stat.st_size != recorded:
+                return f"{name} differs from what was converted (size)"
+            continue
         now = [stat.st_size, stat.st_mtime_ns]
         if stamp.get(name) != now:
-            if stat.st_size != recorded["bytes"] or sha256_of(path) != recorded["sha256"]:
+            if stat.st_size != recorded.get("bytes") or sha256_of(folder / name) != recorded.get("sha256"):
                 return f"{name} differs from what was converted (sha256 or size)"
         checked[name] = now
     if checked != stamp:

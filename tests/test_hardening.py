@@ -150,3 +150,43 @@ def test_eval_reads_a_report_output_check_without_creating_it(tmp_path):
     check_writable_folder(tmp_path / "new" / "deeper", "the report folder")
     assert not (tmp_path / "new").exists()
     downstream_rows(1)  # (the conftest rows stay importable here)
+
+
+def test_an_old_marker_is_checked_by_size_and_a_damaged_stamp_only_costs_a_rehash(tmp_path):
+    import delia.models as models
+
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    (folder / models.COMPLETE_MARKER).write_text(json.dumps({"files": {"model.safetensors": 10}}))
+    assert models.corruption(folder) is None
+    (folder / "model.safetensors").write_bytes(b"x" * 9)  # truncated
+    assert "model.safetensors differs" in models.corruption(folder)
+    (folder / "model.safetensors").write_bytes(b"y" * 10)
+    digest = models.sha256_of(folder / "model.safetensors")
+    files = {"model.safetensors": {"bytes": 10, "sha256": digest}}
+    (folder / models.COMPLETE_MARKER).write_text(json.dumps({"files": files}))
+    (folder / models.VERIFIED_STAMP).write_text("[1, 2")  # damaged: not a reason to call the model corrupt
+    assert models.corruption(folder) is None
+    assert json.loads((folder / models.VERIFIED_STAMP).read_text())["model.safetensors"][0] == 10
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named(tmp_path):
+    from delia.io import iter_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2: not UTF-8 text \(byte 0xff at column 1\)"):
+        list(iter_jsonl(path))
+
+
+def test_a_negative_thread_count_is_one_line(capsys):
+    for argv in (["eval", "m", "--cpu_threads", "-1"], ["probe", "m", "--cpu_threads", "-1"]):
+        try:
+            code = main(argv)
+        except SystemExit as exit_info:
+            code = exit_info.code
+        assert code == 2
+        one_line(capsys, "cpu_threads", "-1")
+    assert main(["build-cache", "m", "q.jsonl", "o.jsonl", "--cpu_threads", "-1"]) == 2
+    one_line(capsys, "cpu_threads must be unset or a whole number >= 0, got -1")

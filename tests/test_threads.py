@@ -76,3 +76,11 @@ def test_threads_change_only_for_cpu_work(device, monkeypatch):
     with threads_while(None, device):
         inside = torch.get_num_threads()
     assert inside == (before if device == "cuda" else 1) and torch.get_num_threads() == before
+
+
+def test_measured_load_already_counts_the_launchs_other_processes(monkeypatch):
+    monkeypatch.setattr(delia.cpu, "usable_cores", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    # four ranks on 16 cores, the three others busy on 12 of them: this rank's share is 4, not (16 - 12) // 4 = 1
+    assert delia.cpu.free_threads(local_processes=4, busy_elsewhere=12.0) == 4
+    assert delia.cpu.free_threads(local_processes=4, busy_elsewhere=15.0) == 1

@@ -79,6 +79,15 @@ class EvalArguments:
         }
 
 
+def _thread_count(text: str) -> int:
+    """--cpu_threads: a whole number >= 0 (argparse names the option with this message)."""
+    import argparse
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def argument_parser() -> Any:
     """The `delia eval` parser: the target (or `--compare`), the model and data options, then `EvalArguments`."""
     from ..command_line import command_parser
@@ -99,7 +108,7 @@ def argument_parser() -> Any:
     parser.add_argument(
         "--cpu_threads",
         "--cpu-threads",
-        type=int,
+        type=_thread_count,
         default=None,
         help="torch threads on a CPU (unset: the cores other programs leave free, looked up per batch; 0: torch's)",
     )

@@ -42,6 +42,8 @@ class ProbeArguments:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or self.cpu_threads < 0):
+            raise ValueError(f"--cpu_threads must be unset or a whole number >= 0, got {self.cpu_threads!r}")
 
 
 def argument_parser() -> Any:

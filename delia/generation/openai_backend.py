@@ -249,9 +249,15 @@ class OpenAIBackend(Backend):
         """The error of a request whose every attempt failed: the unusable body if that is all it got, else the last."""
         attempts = request.attempt + 1
         if request.invalid == attempts:
+            text = request.prompt.text is not None  # a raw-text completion (/v1/completions), not a chat
+            wanted = (
+                "text completion (body not JSON, cut short, or without choices/text)"
+                if text
+                else ("chat completion (body not JSON, cut short, or without choices/message)")
+            )
             return ServerRequestError(
-                f"{', '.join(request.tried)} answered {attempts} attempt(s) with HTTP 200 but no chat completion "
-                f"(body not JSON, cut short, or without choices/message); the body starts: "
+                f"{', '.join(request.tried)} answered {attempts} attempt(s) with HTTP 200 but no {wanted}; "
+                "the body starts: "
                 f"{request.first_invalid_body[:QUOTED_BODY]!r}"
             )
         return ServerUnreachableError(
@@ -342,10 +348,10 @@ class _Flight:
     def _collect(self, done: set[Future[Generation]]) -> list[tuple[int, Generation]]:
         """The replies among the ended attempts; the rest are scheduled for a retry or recorded as the failure."""
         replies = []
-        for future in done:
+        for future in sorted(done, key=lambda ended: ended.exception() is not None):  # replies before failures
             request = self.running.pop(future)
-            if not self._keeps(request.position):
-                continue
+            if not self._keeps(request.position) and not (future.exception() is None and not self.ordered):
+                continue  # (unordered, a reply already paid for is kept even after another request failed)
             try:
                 replies.append((request.position, future.result()))
             except _Retryable as error:
