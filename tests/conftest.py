@@ -138,3 +138,20 @@ def offline_cache(real_cache, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(delia_models, "hub_cached", lambda repo: False)
     return real_cache
+
+
+def one_line(capsys, *fragments: str) -> str:
+    """A command's stderr: exactly one line, naming every fragment, and no usage dump."""
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "usage:" not in error, error
+    for fragment in fragments:
+        assert fragment in error, (fragment, error)
+    return error
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny ChatML model saved to disk once per test module (read-only use)."""
+    from delia.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "chatml")

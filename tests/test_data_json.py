@@ -233,13 +233,6 @@ def test_eval_rows_from_json_messages_match_the_plain_ones(layout, tmp_path):
     assert got.seen == {row.instruction for row in want.rows}
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from delia.tiny import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "chatml")
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_build_cache_answers_json_conversations(layout, tmp_path, tiny_model_dir):
     from delia.build_cache import build_cache

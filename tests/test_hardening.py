@@ -7,24 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import diverse_rows, downstream_rows, write_jsonl
+from conftest import diverse_rows, downstream_rows, one_line, write_jsonl
 
 from delia.cli import main
 from delia.tiny import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "chatml")
-
-
-def one_line(capsys, *fragments: str) -> str:
-    """The command's stderr: exactly one line, naming every fragment, and no usage dump."""
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "usage:" not in error, error
-    for fragment in fragments:
-        assert fragment in error, (fragment, error)
-    return error
 
 
 def test_build_cache_refuses_an_output_that_is_its_query_file(tiny_model_dir, tmp_path, capsys):

@@ -12,14 +12,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import downstream_rows, write_jsonl
+from conftest import downstream_rows, one_line, write_jsonl
 
 import delia
 from delia.cli import main
 from delia.data import reading
 from delia.data.reading import read_dataset
 from delia.io import looks_like_local_path
-from delia.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,18 +57,6 @@ def test_a_hub_name_still_goes_to_the_hub(in_a_project, hub_calls):
     with pytest.raises(FileNotFoundError, match="could not be reached"):
         read_dataset("some-org/some-set", "train dataset")
     assert hub_calls == ["some-org/some-set"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "chatml")
-
-
-def one_line(capsys, *fragments: str) -> None:
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "usage:" not in error, error
-    for fragment in fragments:
-        assert fragment in error, (fragment, error)
 
 
 @pytest.mark.parametrize("option", ["--train_dataset", "--general_queries", "--exclude_cache", "--eval_dataset"])

