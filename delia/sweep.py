@@ -42,7 +42,7 @@ from .config import DSFTConfig, check_diverse_ratio
 from .evaluation.eval_data import EvalData, load_eval_data
 from .evaluation.evaluate import EvalArguments, evaluate_model, write_report
 from .evaluation.report import read_report
-from .evaluation.sweep_table import METRICS, markdown_table, plot_metrics, summarise, write_tables
+from .evaluation.sweep_table import METRICS, markdown_table, plot_frontier, plot_metrics, summarise, write_tables
 from .progress import label_training_bar
 from .run_files import EVAL_REPORT_FILE, SWEEP_CSV_FILE, SWEEP_TABLE_FILE
 from .runtime import start_run_folder
@@ -368,6 +368,7 @@ def run_sweep(
     write_tables(rows, args.output_dir)
     for file_format in sweep.figure_formats:
         plot_metrics(rows, args.output_dir, file_format=file_format)
+        plot_frontier(rows, args.output_dir, file_format=file_format)
     return rows
 
 

@@ -456,6 +456,24 @@ def test_sweep_table_gives_mean_and_std_over_seeds():
     assert "<sep> probe" not in unprobed and "<sep> probe" in table[0]  # no run probed: no column of n/a
 
 
+def test_frontier_places_each_arm_by_format_rate_and_change_in_general_nll(tmp_path):
+    from delia.evaluation.sweep_table import frontier_points, plot_frontier, summarise
+
+    def run(follow, nll):
+        return {"summary": {"dict_rate_follow": follow, "general_nll": nll, "format_learned": follow > 0.5}}
+
+    reports = {"ratio-0-epochs-10": [run(0.9, 2.6)], "base": [run(0.0, 2.5)], "ratio-100-epochs-1": [run(0.4, 2.3)]}
+    reports["ratio-30-epochs-1"] = [run(0.6, None)]  # no general NLL measured: no point, rather than a made-up one
+    rows = summarise(reports)
+    points = frontier_points(rows)
+    assert [name for name, _, _ in points] == ["ratio-0-epochs-10", "ratio-100-epochs-1"]
+    assert points[0][1:] == pytest.approx((0.1, 0.9)) and points[1][1:] == pytest.approx((-0.2, 0.4))
+    path = plot_frontier(rows, str(tmp_path), file_format="svg")
+    assert path == str(tmp_path / "sweep_frontier.svg") and "ratio-100-epochs-1" in open(path, encoding="utf-8").read()
+    without_base = [row for row in rows if row["run"] != "base"]
+    assert frontier_points(without_base) == [] and plot_frontier(without_base, str(tmp_path / "none")) is None
+
+
 def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
     import delia.train
     from delia.cli import main

@@ -1,4 +1,5 @@
-"""The sweep's table and figures: one row per arm (mean ± std over seeds), `sweep.md`, `sweep.csv`, `sweep_<metric>`.
+"""The sweep's table and figures: one row per arm (mean ± std over seeds), `sweep.md`, `sweep.csv`, `sweep_<metric>`,
+and with the base model `sweep_frontier` (format rate against the change in general NLL).
 
 Reads only the runs' reports (written by `delia sweep`), so a table can be rebuilt from finished run folders. A report
 written before a metric existed shows n/a in that column.
@@ -120,6 +121,17 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def _write_figure(figure: Any, path: str, file_format: str) -> str:
+    """Write `figure` to `path` atomically (a kill never leaves half an image), close it, and return the path."""
+    import matplotlib.pyplot as plt
+
+    try:
+        replace_atomically(path, partial(figure.savefig, format=file_format, dpi=110), binary=True)
+    finally:
+        plt.close(figure)
+    return path
+
+
 def plot_metrics(
     rows: Sequence[dict[str, Any]], folder: str, file_format: str = "png", metrics: Sequence[str] | None = None
 ) -> list[str]:
@@ -152,13 +164,50 @@ def plot_metrics(
         axes.set_ylabel(label)
         axes.set_title(f"{label} by run")
         figure.tight_layout()
-        path = os.path.join(folder, f"sweep_{key}.{file_format}")
-        try:
-            replace_atomically(path, partial(figure.savefig, format=file_format, dpi=110), binary=True)
-        finally:
-            plt.close(figure)
-        paths.append(path)
+        paths.append(_write_figure(figure, os.path.join(folder, f"sweep_{key}.{file_format}"), file_format))
     return paths
+
+
+def frontier_points(rows: Sequence[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(arm, change in general NLL from the base model's, format rate when told to follow) for each arm that has both;
+    empty without a base row that has a general NLL (`--include_base`)."""
+    base = next((row for row in rows if row["run"] == "base"), None)
+    if base is None or base["general_nll_mean"] is None:
+        return []
+    return [
+        (row["run"], row["general_nll_mean"] - base["general_nll_mean"], row["dict_rate_follow_mean"])
+        for row in rows
+        if row is not base and row["general_nll_mean"] is not None and row["dict_rate_follow_mean"] is not None
+    ]
+
+
+def plot_frontier(rows: Sequence[dict[str, Any]], folder: str, file_format: str = "png") -> str | None:
+    """The trade-off frontier: format rate against the change in general NLL, one labelled point per arm (left and up
+    is better: the format learned, the general behaviour kept), as `sweep_frontier.<format>`; None without a base."""
+    points = frontier_points(rows)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    figure, axes = plt.subplots(figsize=(7.0, 4.6))
+    for index, (name, change, rate) in enumerate(sorted(points, key=lambda point: point[1])):
+        plain = name == "ratio-0" or name.startswith("ratio-0-")  # ratio-0-epochs-3, not ratio-0.5
+        axes.scatter(change, rate, color="tab:orange" if plain else "tab:blue", zorder=3)
+        lift = (8, 20, -14)[index % 3]  # neighbours' labels at three heights, so that close points stay readable
+        axes.annotate(name, (change, rate), textcoords="offset points", xytext=(-10, lift), fontsize=8)
+    axes.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")  # the base model's general NLL
+    axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes.set_ylim(-0.12, 1.12)
+    axes.margins(x=0.25)
+    axes.set_xlabel("change in general NLL/token from the base model (left: general behaviour kept)")
+    axes.set_ylabel("dict rate, follow (format learned)")
+    axes.set_title("format against general NLL, one point per arm (orange: plain SFT)")
+    figure.tight_layout()
+    return _write_figure(figure, os.path.join(folder, f"sweep_frontier.{file_format}"), file_format)
 
 
 def write_tables(rows: Sequence[dict[str, Any]], folder: str) -> str:
