@@ -514,6 +514,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, monkeypatch, capsys):
     ratio1 = dict(zip(csv_rows[0].split(","), csv_rows[2].split(","), strict=True))
     assert ratio1["runs"] == "1" and float(ratio1["general_nll_mean"]) == reports["1"]["summary"]["general_nll"]
     assert (output / "sweep_general_nll.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (output / "sweep_frontier.png").exists()  # no base model evaluated: no change in NLL to place arms by
 
     # Resume: every run is finished, so nothing trains again
     stamps = {path: path.stat().st_mtime_ns for path in output.glob("ratio-*/seed-*/eval_report.json")}
