@@ -182,7 +182,7 @@ def frontier_points(rows: Sequence[dict[str, Any]]) -> list[tuple[str, float, fl
 
 
 def plot_frontier(rows: Sequence[dict[str, Any]], folder: str, file_format: str = "png") -> str | None:
-    """The trade-off frontier: format rate against the change in general NLL, one labelled point per arm (left and up
+    """The trade-off frontier: format rate against the change in general NLL, one point per arm (left and up
     is better: the format learned, the general behaviour kept), as `sweep_frontier.<format>`; None without a base."""
     points = frontier_points(rows)
     if not points:
@@ -193,19 +193,19 @@ def plot_frontier(rows: Sequence[dict[str, Any]], folder: str, file_format: str 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    figure, axes = plt.subplots(figsize=(7.0, 4.6))
-    for index, (name, change, rate) in enumerate(sorted(points, key=lambda point: point[1])):
+    figure, axes = plt.subplots(figsize=(8.2, 4.6))
+    for index, (name, change, rate) in enumerate(points):  # a marker per arm, named in the legend: close points stay
         plain = name == "ratio-0" or name.startswith("ratio-0-")  # ratio-0-epochs-3, not ratio-0.5
-        axes.scatter(change, rate, color="tab:orange" if plain else "tab:blue", zorder=3)
-        lift = (8, 20, -14)[index % 3]  # neighbours' labels at three heights, so that close points stay readable
-        axes.annotate(name, (change, rate), textcoords="offset points", xytext=(-10, lift), fontsize=8)
+        marker = "osD^vPX*<>ph"[index % 12]
+        axes.scatter(change, rate, color="tab:orange" if plain else "tab:blue", marker=marker, s=45, label=name)
     axes.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")  # the base model's general NLL
     axes.yaxis.set_major_formatter(PercentFormatter(1.0))
     axes.set_ylim(-0.12, 1.12)
-    axes.margins(x=0.25)
+    axes.margins(x=0.1)
     axes.set_xlabel("change in general NLL/token from the base model (left: general behaviour kept)")
     axes.set_ylabel("dict rate, follow (format learned)")
     axes.set_title("format against general NLL, one point per arm (orange: plain SFT)")
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     figure.tight_layout()
     return _write_figure(figure, os.path.join(folder, f"sweep_frontier.{file_format}"), file_format)
 
