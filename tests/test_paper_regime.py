@@ -72,6 +72,10 @@ def test_held_out_split_is_disjoint_seeded_and_independent_of_the_write_order(sc
     assert ids(general) != held_out
     with pytest.raises(SystemExit, match="--held_out 50 leaves nothing of the 50 cache rows"):
         script.split_cache(tmp_path / "cache.jsonl", 50, 0, tmp_path)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "q1"}\n{"id": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.jsonl.*line 2"):  # the file and line, not a bare JSONDecodeError
+        script.split_cache(broken, 1, 0, tmp_path)
 
 
 def test_query_figures_read_the_queries_and_their_meta_file(script, tmp_path):

@@ -37,9 +37,10 @@ LABELS = ("yes", "no")
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The JSON rows of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The JSON rows of a JSONL file (blank lines skipped; a bad line is an error naming the file and line)."""
+    from delia.io import iter_jsonl
+
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -87,8 +88,9 @@ def split_cache(cache: Path, held_out: int, seed: int, output_dir: Path) -> tupl
 def query_figures(cache: Path) -> list[str]:
     """What query generation made, from its meta and queries files: tried, kept, dropped and why, lengths."""
     from delia.generation.magpie import meta_path, queries_path
+    from delia.io import read_json
 
-    meta = json.loads(Path(meta_path(queries_path(str(cache)))).read_text(encoding="utf-8"))
+    meta = read_json(meta_path(queries_path(str(cache))), "the meta file of the generated queries")
     words = sorted(len(row["query"].split()) for row in read_rows(Path(queries_path(str(cache)))))
     dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(meta.get("dropped", {}).items())) or "none"
     deciles = statistics.quantiles(words, n=10)
@@ -136,7 +138,7 @@ def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
 def main(argv: list[str] | None = None) -> int:
     options, sweep_argv = parse_options(argv)
     from delia.experiment import Experiment
-    from delia.io import replace_atomically
+    from delia.io import write_text_atomically
     from delia.run_files import SWEEP_TABLE_FILE
     from delia.sweep import SweepInputError, parse_arguments
 
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = (output_dir / SWEEP_TABLE_FILE).read_text(encoding="utf-8").rstrip()
     lines += ["", table, "", "The frontier (`sweep_frontier.svg`):", "", *frontier_lines(rows), ""]
-    replace_atomically(str(output_dir / "results.md"), lambda out: out.write("\n".join(lines)))
+    write_text_atomically(output_dir / "results.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 
